@@ -1,0 +1,5 @@
+import sys
+
+from distillkac.cli import main
+
+sys.exit(main())

@@ -1,0 +1,53 @@
+"""``distillkac fid``: FID of existing images (a PNG/JPEG folder or an .npz) against reference statistics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+WEIGHTS_HELP = ("Inception weights file (else $DISTILLKAC_INCEPTION_WEIGHTS, else torch-fidelity's "
+                "download)")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "fid", help="FID of existing images against reference statistics from `distillkac ref`",
+        description='Prints one JSON line {"fid", "num_images", "label", ...}. Images are used at their own '
+                    "resolution, which must match the reference's.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--images", required=True,
+                        help="a folder of PNG/JPEG files, or an .npz with key 'images' (uint8 [N, C, H, W] "
+                             "or [N, H, W, C], as `distillkac sample` writes)")
+    parser.add_argument("--ref", required=True, help="reference statistics .npz from `distillkac ref`")
+    parser.add_argument("--inception-weights", default=None,
+                        help=f"{WEIGHTS_HELP}; must be the one the reference was made with")
+    parser.add_argument("--batch", type=int, default=250, help="images per Inception forward pass")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from distillkac.errors import DistillKacError
+    from distillkac.metrics import (
+        InceptionFeatures,
+        check_reference_compatible,
+        fid_against_reference,
+        image_file_batches,
+        inception_weights_id,
+        load_reference,
+        resolve_inception_weights,
+    )
+
+    if args.batch < 1:
+        raise DistillKacError(f"--batch: must be a positive integer, got {args.batch}")
+    reference = load_reference(args.ref)
+    weights = resolve_inception_weights(args.inception_weights)
+    check_reference_compatible(reference, inception_weights_id(weights))
+    count, batches = image_file_batches(args.images, args.batch, channels=reference.meta["channels"])
+    extractor = InceptionFeatures(weights, args.device, args.batch)
+    result = fid_against_reference(batches, reference, extractor, progress=not args.no_progress, total=count)
+    print(json.dumps({**result, "images": args.images, "ref": args.ref,
+                      "reference_dataset": reference.meta.get("dataset", {}).get("name"),
+                      "reference_split": reference.meta.get("split")}))
+    return 0

@@ -1,0 +1,60 @@
+"""``distillkac ref``: FID reference statistics (Inception pool3 mean and covariance) of a dataset split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from distillkac.cli.fid import WEIGHTS_HELP
+from distillkac.errors import DistillKacError
+
+FID_DATASETS = ("cifar10", "folder")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "ref", help="compute FID reference statistics of a dataset split (an .npz for `distillkac fid`)",
+        description="Inception pool3 statistics of every image of a split (or a seeded subset with --limit), "
+                    "at the images' own resolution, written to an .npz with their metadata.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--dataset", required=True, choices=FID_DATASETS, help="which dataset loader to use")
+    parser.add_argument("--data", required=True,
+                        help="dataset path (CIFAR-10 batches/zip/folder, or an image folder/zip)")
+    parser.add_argument("--split", default="train", choices=("train", "test"), help="dataset split")
+    parser.add_argument("--out", required=True, help="output .npz file")
+    parser.add_argument("--resolution", type=int, default=None,
+                        help="folder dataset: square size images are centre-cropped and resized to")
+    parser.add_argument("--channels", type=int, default=None, choices=(1, 3),
+                        help="folder dataset: 1 (grayscale) or 3 (RGB; the default when unset)")
+    parser.add_argument("--bad-files", default="skip", choices=("skip", "error"),
+                        help="what to do with unreadable image files")
+    parser.add_argument("--inception-weights", default=None, help=WEIGHTS_HELP)
+    parser.add_argument("--batch", type=int, default=250, help="images per Inception forward pass")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--limit", type=int, default=None,
+                        help="use a random subset of this many images (chosen with --seed)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from distillkac.data import DataConfig, load_dataset
+    from distillkac.metrics import InceptionFeatures, compute_reference, save_reference
+
+    if args.dataset != "folder" and (args.resolution is not None or args.channels is not None):
+        raise DistillKacError(f"--resolution/--channels: only for --dataset folder; {args.dataset} images "
+                              f"are used at their own size")
+    if args.batch < 1:
+        raise DistillKacError(f"--batch: must be a positive integer, got {args.batch}")
+    config = DataConfig(name=args.dataset, path=args.data, resolution=args.resolution, channels=args.channels,
+                        bad_files=args.bad_files, labels="none" if args.dataset == "folder" else "auto")
+    extractor = InceptionFeatures(args.inception_weights, args.device, args.batch)
+    dataset = load_dataset(config, args.split)
+    reference = compute_reference(dataset, args.split, extractor, limit=args.limit, seed=args.seed,
+                                  progress=not args.no_progress)
+    meta = save_reference(args.out, reference.stats, reference.meta)
+    print(json.dumps({"out": args.out, "count": meta["count"], "split": meta["split"],
+                      "resolution": meta["resolution"], "channels": meta["channels"],
+                      "weights_sha256": meta["weights_sha256"], "stats_sha256": meta["stats_sha256"]}))
+    return 0

@@ -1,0 +1,130 @@
+"""Residual MLP predicting the velocity ``u(x, t, y)`` for low-dimensional data (the 2-D toys).
+
+``h = Linear(x)``, then ``depth`` residual blocks ``h += W2·dropout(SiLU(W1·SiLU(adaLN(h, emb))))`` with
+``adaLN(h, emb) = LayerNorm(h)·(1 + scale) + shift`` and ``(scale, shift)`` a linear function of the
+time + label embedding (the same conditioning as the UNet, null label included), then
+LayerNorm -> SiLU -> a zero-initialised linear output layer (a fresh network predicts exactly 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from distillkac.errors import DistillKacError
+from distillkac.nets.unet import (
+    ConditionEmbedding,
+    build_on,
+    check_conditioning,
+    config_from_dict,
+    initialise_parameters,
+)
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+@dataclass
+class MLPConfig:
+    """Architecture of the residual MLP; ``to_dict``/``from_dict`` round-trip through JSON."""
+
+    kind: str = "mlp"
+    dim: int = 2
+    hidden: int = 256
+    depth: int = 4
+    num_classes: int = 0
+    time_scale: float = 1000.0
+    dropout: float = 0.0
+
+    def validate(self) -> None:
+        """Raise DistillKacError (one line, naming the field) for a config that cannot build an MLP."""
+        checks = [
+            (self.kind == "mlp", "kind", "must be 'mlp'", self.kind),
+            (_positive_int(self.dim), "dim", "must be a positive integer", self.dim),
+            (_positive_int(self.hidden), "hidden", "must be a positive integer", self.hidden),
+            (_positive_int(self.depth), "depth", "must be a positive integer", self.depth),
+            (isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool)
+             and self.num_classes >= 0, "num_classes", "must be an integer >= 0 (0 = unconditional)",
+             self.num_classes),
+            (isinstance(self.time_scale, int | float) and math.isfinite(self.time_scale)
+             and self.time_scale > 0, "time_scale", "must be a positive number", self.time_scale),
+            (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0, "dropout",
+             "must be in [0, 1)", self.dropout),
+        ]
+        for ok, name, rule, value in checks:
+            if not ok:
+                raise DistillKacError(f"MLPConfig.{name}: {rule}, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MLPConfig:
+        return config_from_dict(cls, data)
+
+    @property
+    def data_shape(self) -> tuple[int]:
+        return (self.dim,)
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, hidden: int, dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(hidden, elementwise_affine=False)
+        self.emb_proj = nn.Linear(hidden, 2 * hidden)
+        self.fc1 = nn.Linear(hidden, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden, hidden)
+
+    def forward(self, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.emb_proj(F.silu(emb)).chunk(2, dim=1)
+        z = self.norm(h) * (1 + scale) + shift
+        return h + self.fc2(self.dropout(F.silu(self.fc1(F.silu(z)))))
+
+
+class MLP(nn.Module):
+    """``model(x [B, dim], t [B], y [B]) -> velocity [B, dim]`` (same dtype as ``x``).
+
+    Labels as for the UNet: ``0..num_classes-1`` or the null label ``num_classes``.  ``generator``
+    draws the initial weights (a fresh OS-seeded one if None); ``device="meta"`` allocates nothing.
+    """
+
+    def __init__(self, config: MLPConfig, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.num_classes = config.num_classes
+        self.null_label = config.num_classes
+        self.data_shape = config.data_shape
+        build_on(device, generator, self._build, self.reset_parameters, self)
+
+    def _build(self) -> None:
+        cfg = self.config
+        self.embedding = ConditionEmbedding(cfg.hidden, cfg.hidden, cfg.num_classes, cfg.time_scale)
+        self.input_proj = nn.Linear(cfg.dim, cfg.hidden)
+        self.blocks = nn.ModuleList(MLPBlock(cfg.hidden, cfg.dropout) for _ in range(cfg.depth))
+        self.out_norm = nn.LayerNorm(cfg.hidden)
+        self.output = nn.Linear(cfg.hidden, cfg.dim)
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Re-draw all weights from ``generator``; the output layer starts at exactly zero."""
+        initialise_parameters(self, generator, zero_modules=[self.output])
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.ndim != 2 or x.shape[1] != self.config.dim:
+            shape = list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DistillKacError(f"x: expected shape [B, {self.config.dim}], got {shape}")
+        check_conditioning(t, y, x.shape[0], self.null_label)
+        emb = self.embedding(t, y)
+        h = self.input_proj(x)
+        for block in self.blocks:
+            h = block(h, emb)
+        return self.output(F.silu(self.out_norm(h))).to(x.dtype)

@@ -1,0 +1,359 @@
+"""Run configurations: dataclasses for every part of a run, and the per-dataset presets.
+
+A ``RunConfig`` is what a run directory's ``config.json`` holds (plus an ``"environment"`` record
+written by the training loop); ``to_dict()`` / ``from_dict()`` round-trip it through JSON and
+``validate()`` rejects nonsense with a one-line ``DistillKacError`` naming the field.
+
+Batch sizes are GLOBAL (EDM practice): ``train.batch`` images per optimiser step whatever the number
+of processes, cut into fixed micro-batches of ``train.micro_batch`` images (see train.py for why this
+makes a run independent of the process count). EMA is given as a half-life in images, so its meaning
+does not change with the batch size: ``beta = 0.5 ** (batch / ema_halflife_images)``. An EMA decay
+``d`` per step of ``B`` images has the half-life ``B * ln(0.5) / ln(d)`` images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from distillkac.data import DataConfig
+from distillkac.errors import DistillKacError
+from distillkac.nets import REFERENCE_CONFIGS, MLPConfig, NetworkConfig, UNetConfig, network_config_from_dict
+from distillkac.paths import F_SCHEDULES, G_SCHEDULES, PATH_KINDS
+
+PRECISIONS = ("auto", "fp32", "bf16")
+CHANNELS_LAST = ("auto", "on", "off")
+PREVIEW_SOLVERS = ("euler", "ab2", "heun", "midpoint", "ddim")
+
+
+def ema_halflife_for_decay(decay: float, batch: int) -> float:
+    """The EMA half-life in images equivalent to a per-step decay ``decay`` at batch size ``batch``."""
+    return batch * math.log(0.5) / math.log(decay)
+
+
+def _fail(field_name: str, rule: str, value: Any) -> None:
+    raise DistillKacError(f"{field_name}: {rule}, got {value!r}")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _from_fields(cls: type, values: Any, name: str) -> Any:
+    """Build dataclass ``cls`` from a JSON dict; unknown keys are errors, lists become tuples."""
+    if not isinstance(values, dict):
+        raise DistillKacError(f"{name}: expected a JSON object, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DistillKacError(f"{name}: unknown key(s) {unknown}; allowed keys: {sorted(known)}")
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+
+
+@dataclass
+class PathConfig:
+    """The probability path (method.md §2): Kac constants ``a, c``, horizon ``T`` and the schedules
+    ``f`` (``schedule``) and ``g`` (``g_schedule``); ``kind`` "flow" and "vp" are the Gaussian baselines."""
+
+    kind: str = "kac"
+    kac_a: float = 9.0
+    kac_c: float = 3.0
+    T: float = 1.0
+    schedule: str = "linear"
+    g_schedule: str = "t"
+
+    def validate(self) -> None:
+        if self.kind not in PATH_KINDS:
+            _fail("path.kind", f"must be one of {', '.join(PATH_KINDS)}", self.kind)
+        for name in ("kac_a", "kac_c", "T"):
+            value = getattr(self, name)
+            if not (_is_number(value) and value > 0):
+                _fail(f"path.{name}", "must be a finite number > 0", value)
+        if self.kind != "kac" and self.T != 1.0:
+            _fail("path.T", f"the {self.kind} baseline is defined on [0, 1]; T must be 1", self.T)
+        if self.schedule not in F_SCHEDULES:
+            _fail("path.schedule", f"must be one of {', '.join(sorted(F_SCHEDULES))}", self.schedule)
+        if self.g_schedule not in G_SCHEDULES:
+            _fail("path.g_schedule", f"must be one of {', '.join(sorted(G_SCHEDULES))}", self.g_schedule)
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with a linear learning-rate warm-up over ``warmup_images`` images and gradient clipping
+    at global norm ``grad_clip`` (0 = no clipping)."""
+
+    lr: float = 2e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.0
+    warmup_images: int = 640_000
+    grad_clip: float = 1.0
+    eps: float = 1e-8
+
+    def validate(self) -> None:
+        if not (_is_number(self.lr) and self.lr > 0):
+            _fail("optim.lr", "must be a finite number > 0", self.lr)
+        betas = tuple(self.betas) if isinstance(self.betas, list | tuple) else ()
+        if len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+            _fail("optim.betas", "must be two numbers in [0, 1)", self.betas)
+        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
+            _fail("optim.weight_decay", "must be a finite number >= 0", self.weight_decay)
+        if not (_is_int(self.warmup_images) and self.warmup_images >= 0):
+            _fail("optim.warmup_images", "must be an integer >= 0", self.warmup_images)
+        if not (_is_number(self.grad_clip) and self.grad_clip >= 0):
+            _fail("optim.grad_clip", "must be a finite number >= 0 (0 = no clipping)", self.grad_clip)
+        if not (_is_number(self.eps) and self.eps > 0):
+            _fail("optim.eps", "must be a finite number > 0", self.eps)
+
+
+@dataclass
+class TrainConfig:
+    """The training loop's settings (train.py). ``batch`` is global; ``ema_rampup`` (EDM's ramp-up
+    ratio, None = off) caps the EMA half-life at ``ema_rampup * images_seen`` early in training."""
+
+    steps: int = 400_000
+    batch: int = 128
+    micro_batch: int = 32
+    ema_halflife_images: float = 887_000.0
+    ema_rampup: float | None = 0.05
+    label_dropout: float = 0.1
+    seed: int = 0
+    log_every: int = 100
+    ckpt_every: int = 10_000
+    sample_every: int = 10_000
+    preview_steps: int = 100
+    preview_solver: str = "ab2"
+    preview_guidance: float = 1.0
+    precision: str = "auto"
+    channels_last: str = "auto"
+    compile: bool = False
+    device: str = "auto"
+    skip_nonfinite: int = 0
+
+    def validate(self) -> None:
+        positive = ("steps", "batch", "micro_batch", "log_every", "ckpt_every", "sample_every",
+                    "preview_steps")
+        for name in positive:
+            value = getattr(self, name)
+            if not (_is_int(value) and value > 0):
+                _fail(f"train.{name}", "must be an integer > 0", value)
+        if self.batch % self.micro_batch:
+            _fail("train.micro_batch", f"must divide train.batch = {self.batch}", self.micro_batch)
+        if not (_is_number(self.ema_halflife_images) and self.ema_halflife_images > 0):
+            _fail("train.ema_halflife_images", "must be a finite number > 0", self.ema_halflife_images)
+        if self.ema_rampup is not None and not (_is_number(self.ema_rampup) and self.ema_rampup > 0):
+            _fail("train.ema_rampup", "must be a number > 0 or null (no ramp-up)", self.ema_rampup)
+        if not (_is_number(self.label_dropout) and 0 <= self.label_dropout < 1):
+            _fail("train.label_dropout", "must be in [0, 1)", self.label_dropout)
+        if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+            _fail("train.seed", "must be an integer in [0, 2**63)", self.seed)
+        if self.preview_solver not in PREVIEW_SOLVERS:
+            _fail("train.preview_solver", f"must be one of {', '.join(PREVIEW_SOLVERS)}", self.preview_solver)
+        if not (_is_number(self.preview_guidance) and self.preview_guidance >= 0):
+            _fail("train.preview_guidance", "must be a finite number >= 0", self.preview_guidance)
+        if self.precision not in PRECISIONS:
+            _fail("train.precision", f"must be one of {', '.join(PRECISIONS)}", self.precision)
+        if self.channels_last not in CHANNELS_LAST:
+            _fail("train.channels_last", f"must be one of {', '.join(CHANNELS_LAST)}", self.channels_last)
+        if not isinstance(self.compile, bool):
+            _fail("train.compile", "must be true or false", self.compile)
+        if not isinstance(self.device, str) or not self.device:
+            _fail("train.device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        if not (_is_int(self.skip_nonfinite) and self.skip_nonfinite >= 0):
+            _fail("train.skip_nonfinite", "must be an integer >= 0", self.skip_nonfinite)
+
+
+#: Fields of ``train`` a resumed run may change: length, logging, previews and checkpoint cadence.
+RESUMABLE_TRAIN_FIELDS = ("steps", "log_every", "ckpt_every", "sample_every", "preview_steps",
+                          "preview_solver", "preview_guidance")
+
+
+@dataclass
+class RunConfig:
+    """Everything that defines a run: data, network, path, optimiser, loop (and a distillation part)."""
+
+    data: DataConfig
+    net: NetworkConfig
+    path: PathConfig = field(default_factory=PathConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distill: dict[str, Any] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (tuples become lists when dumped)."""
+        return {"data": dataclasses.asdict(self.data), "net": self.net.to_dict(),
+                "path": dataclasses.asdict(self.path), "optim": dataclasses.asdict(self.optim),
+                "train": dataclasses.asdict(self.train), "distill": self.distill}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
+        """Inverse of ``to_dict`` (a run directory's ``"environment"`` record is ignored)."""
+        if not isinstance(values, dict):
+            raise DistillKacError(f"config: expected a JSON object, got {type(values).__name__}")
+        allowed = {"data", "net", "path", "optim", "train", "distill", "environment"}
+        unknown = sorted(set(values) - allowed)
+        if unknown:
+            raise DistillKacError(f"config: unknown key(s) {unknown}; allowed keys: {sorted(allowed)}")
+        for required in ("data", "net"):
+            if required not in values:
+                raise DistillKacError(f"config: missing key {required!r}")
+        distill = values.get("distill")
+        if distill is not None and not isinstance(distill, dict):
+            raise DistillKacError(f"config.distill: expected a JSON object or null, "
+                                  f"got {type(distill).__name__}")
+        return cls(data=DataConfig.from_dict(values["data"]), net=network_config_from_dict(values["net"]),
+                   path=_from_fields(PathConfig, values.get("path", {}), "path"),
+                   optim=_from_fields(OptimConfig, values.get("optim", {}), "optim"),
+                   train=_from_fields(TrainConfig, values.get("train", {}), "train"),
+                   distill=distill)
+
+    def validate(self) -> RunConfig:
+        """Raise DistillKacError (one line, naming the field) for any nonsense value; returns self."""
+        if not isinstance(self.data, DataConfig):
+            _fail("data", "must be a DataConfig", type(self.data).__name__)
+        if not isinstance(self.net, UNetConfig | MLPConfig):
+            _fail("net", "must be a UNetConfig or MLPConfig", type(self.net).__name__)
+        self.net.validate()
+        self.path.validate()
+        self.optim.validate()
+        self.train.validate()
+        is_toy = self.data.name == "toy2d"
+        if is_toy != isinstance(self.net, MLPConfig):
+            _fail("net.kind", "toy2d data needs the mlp network and images need the unet", self.net.kind)
+        if isinstance(self.net, UNetConfig):
+            if self.data.resolution is not None and self.data.resolution != self.net.resolution:
+                _fail("net.resolution", f"must equal data.resolution = {self.data.resolution}",
+                      self.net.resolution)
+            if self.data.channels is not None and self.data.channels != self.net.image_channels:
+                _fail("net.image_channels", f"must equal data.channels = {self.data.channels}",
+                      self.net.image_channels)
+        return self
+
+
+def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted names of the fields that differ between two ``RunConfig.to_dict()`` dicts."""
+    differing = []
+    for key in sorted(set(old) | set(new)):
+        name = f"{prefix}{key}"
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differing.extend(config_differences(a, b, f"{name}."))
+        elif _normalise(a) != _normalise(b):
+            differing.append(name)
+    return differing
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, list | tuple):
+        return [_normalise(v) for v in value]
+    return value
+
+
+# ------------------------------------------------------------------------------------------ presets
+
+def _digits() -> RunConfig:
+    """Bundled 8x8 digits, sized to train on 2 CPU cores in under 5 minutes: a 0.7M-parameter UNet
+    (REFERENCE_CONFIGS["digits"], 4.3M, takes about 5 times longer per step); guided AB-2 samples
+    are clearly readable digits after about 500 steps."""
+    net = UNetConfig(image_channels=1, resolution=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                     attn_resolutions=(), dropout=0.0, num_classes=10, groups=8)
+    return RunConfig(
+        data=DataConfig(name="digits"), net=net, path=PathConfig(),
+        optim=OptimConfig(lr=2e-3, warmup_images=12_800, grad_clip=1.0),
+        train=TrainConfig(steps=800, batch=128, micro_batch=128, ema_halflife_images=20_000,
+                          ema_rampup=0.1, log_every=50, ckpt_every=200, sample_every=200,
+                          preview_steps=100, preview_guidance=1.0))
+
+
+def _cifar10() -> RunConfig:
+    """The Kac-flow paper's CIFAR-10 recipe (method.md §5): ADM UNet, Adam 2e-4, batch 128, 400k steps,
+    EMA 0.9999, clip 1.0, dropout 0.1, 5000-step warm-up (as in DDPM)."""
+    return RunConfig(
+        data=DataConfig(name="cifar10", hflip=True), net=dataclasses.replace(REFERENCE_CONFIGS["cifar10"]),
+        path=PathConfig(),
+        optim=OptimConfig(lr=2e-4, warmup_images=5000 * 128, grad_clip=1.0),
+        train=TrainConfig(steps=400_000, batch=128, micro_batch=32,
+                          ema_halflife_images=round(ema_halflife_for_decay(0.9999, 128)), ema_rampup=0.05,
+                          preview_guidance=1.0))
+
+
+def _celeba64() -> RunConfig:
+    """CelebA 64x64 (unconditional), an image folder or zip given with --data."""
+    return RunConfig(
+        data=DataConfig(name="folder", resolution=64, channels=3, hflip=True, labels="none"),
+        net=dataclasses.replace(REFERENCE_CONFIGS["celeba64"]), path=PathConfig(),
+        optim=OptimConfig(lr=2e-4, warmup_images=5000 * 128, grad_clip=1.0),
+        train=TrainConfig(steps=400_000, batch=128, micro_batch=32,
+                          ema_halflife_images=round(ema_halflife_for_decay(0.9999, 128)), ema_rampup=0.05,
+                          preview_guidance=0.0))
+
+
+def _lsun_bedroom256() -> RunConfig:
+    """LSUN Bedroom 256x256 (unconditional; pre-resize the export): DDPM's LSUN settings, lr 2e-5,
+    batch 64, EMA 0.9999."""
+    return RunConfig(
+        data=DataConfig(name="folder", resolution=256, channels=3, hflip=True, labels="none"),
+        net=dataclasses.replace(REFERENCE_CONFIGS["lsun-bedroom256"]), path=PathConfig(),
+        optim=OptimConfig(lr=2e-5, warmup_images=5000 * 64, grad_clip=1.0),
+        train=TrainConfig(steps=500_000, batch=64, micro_batch=8,
+                          ema_halflife_images=round(ema_halflife_for_decay(0.9999, 64)), ema_rampup=0.05,
+                          ckpt_every=5000, sample_every=10_000, preview_guidance=0.0))
+
+
+def _toy2d() -> RunConfig:
+    """The 4x4 Gaussian grid with a small residual MLP; trains in seconds on a CPU."""
+    return RunConfig(
+        data=DataConfig(name="toy2d", toy="grid", toy_size=20_000),
+        net=MLPConfig(dim=2, hidden=128, depth=3, num_classes=16),
+        path=PathConfig(), optim=OptimConfig(lr=2e-3, warmup_images=25_600, grad_clip=1.0),
+        train=TrainConfig(steps=1500, batch=256, micro_batch=256, ema_halflife_images=25_000, ema_rampup=0.1,
+                          log_every=100, ckpt_every=500, sample_every=500, preview_steps=50,
+                          preview_guidance=0.0))
+
+
+_PRESET_BUILDERS = {"digits": _digits, "cifar10": _cifar10, "celeba64": _celeba64,
+                    "lsun-bedroom256": _lsun_bedroom256, "toy2d": _toy2d}
+
+PRESETS: dict[str, RunConfig] = {name: build() for name, build in _PRESET_BUILDERS.items()}
+"""Preset name -> RunConfig (use :func:`get_preset` for a private copy)."""
+
+
+def get_preset(name: str) -> RunConfig:
+    """A fresh copy of preset ``name`` (editing it leaves ``PRESETS`` alone)."""
+    if name not in _PRESET_BUILDERS:
+        raise DistillKacError(f"--preset: unknown preset {name!r}; "
+                              f"choose one of {', '.join(_PRESET_BUILDERS)}")
+    return _PRESET_BUILDERS[name]()
+
+
+def describe_net(net: NetworkConfig) -> str:
+    if isinstance(net, MLPConfig):
+        return f"MLP {net.depth}x{net.hidden}"
+    mult = "-".join(str(m) for m in net.channel_mult)
+    attn = ",".join(str(r) for r in net.attn_resolutions) or "none"
+    return f"UNet {net.model_channels}ch ({mult}), {net.num_res_blocks} res, attn {attn}, drop {net.dropout}"
+
+
+def hyperparameter_table() -> str:
+    """A Markdown table of the presets (the README copies it; a test checks they agree)."""
+    from distillkac.nets import config_parameter_count
+
+    header = ("| preset | data | network | params | path (a, c, T) | batch (micro) | lr | warm-up images "
+              "| steps | EMA half-life (images) | label dropout | grad clip |")
+    rows = [header, "|" + "---|" * 12]
+    for name in _PRESET_BUILDERS:
+        cfg = get_preset(name)
+        is_image = isinstance(cfg.net, UNetConfig)
+        shape = f"{cfg.net.image_channels}x{cfg.net.resolution}²" if is_image else "2-D"
+        path = f"{cfg.path.kind} ({cfg.path.kac_a:g}, {cfg.path.kac_c:g}, {cfg.path.T:g})"
+        rows.append(f"| {name} | {cfg.data.name} {shape} | {describe_net(cfg.net)} | "
+                    f"{config_parameter_count(cfg.net) / 1e6:.2f}M | {path} | {cfg.train.batch} "
+                    f"({cfg.train.micro_batch}) | {cfg.optim.lr:g} | {cfg.optim.warmup_images:,} | "
+                    f"{cfg.train.steps:,} | {cfg.train.ema_halflife_images:,.0f} | "
+                    f"{cfg.train.label_dropout:g} | {cfg.optim.grad_clip:g} |")
+    return "\n".join(rows) + "\n"

@@ -1,0 +1,280 @@
+"""Sampling: per-image seeds, batched, any solver and guidance weight; PNG grids and NPZ files.
+
+The prior of image ``i`` is drawn from its own generator seeded with ``seeds[i]`` (EDM practice), so an
+image depends on its seed and label only, never on the batch it is generated in. NFE counts network
+evaluations per sample (method.md §3): solver evaluations, doubled when guidance is on (the
+conditional and the null label go through the network together).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from distillkac.checkpoint import atomic_write_bytes, load_artifact
+from distillkac.errors import DistillKacError
+from distillkac.guidance import check_guidance, guided_velocity
+from distillkac.paths import build_path
+from distillkac.rng import seeded_generators
+from distillkac.solvers import SOLVERS, solve, time_grid
+
+DEFAULT_TEACHER_STEPS = 100
+
+
+@dataclass
+class SampleResult:
+    """Generated samples (float, images in [-1, 1] or 2-D points) with what made them."""
+
+    samples: torch.Tensor
+    labels: torch.Tensor
+    seeds: list[int]
+    nfe_per_sample: int
+    steps: int
+    solver: str = "ab2"
+    guidance: float = 0.0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` -> CUDA when available, else the CPU."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise DistillKacError(f"--device: unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
+
+
+def generate(model: nn.Module, path, *, seeds: Sequence[int], labels: torch.Tensor | Sequence[int] | None,
+             steps: int, solver: str = "ab2", guidance: float = 0.0, grid: str = "uniform",
+             batch_size: int = 256, device: str | torch.device = "cpu",
+             on_step: Callable | None = None, progress: bool = False) -> SampleResult:
+    """Integrate the model's (guided) velocity from the prior at ``T`` to 0, one seed per sample.
+
+    ``labels``: one class per seed (``None``: the null label, e.g. for unconditional models).
+    ``on_step(k, t_k, x_k, u_k)`` is passed to the solver for every batch.
+    """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise DistillKacError("--num: need at least one seed")
+    if solver not in SOLVERS:
+        raise DistillKacError(f"--solver: unknown solver {solver!r}; choose one of {', '.join(SOLVERS)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise DistillKacError(f"--batch: must be a positive integer, got {batch_size!r}")
+    num_classes = int(model.num_classes)
+    weight = check_guidance(guidance, num_classes)
+    labels = _check_labels(labels, len(seeds), num_classes)
+    device = resolve_device(device)
+    times = time_grid(steps, path.T, grid)
+    shape = tuple(model.config.data_shape)
+    model = model.to(device).eval()
+    chunks, evaluations = [], 0
+    starts = range(0, len(seeds), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc="sampling", unit="batch", dynamic_ncols=True)
+    with torch.no_grad(), _autocast(device):
+        for start in starts:
+            batch_seeds = seeds[start:start + batch_size]
+            y = labels[start:start + batch_size].to(device)
+            x = path.prior((len(batch_seeds), *shape), generator=seeded_generators(batch_seeds, device),
+                           device=device, dtype=torch.float32)
+
+            def velocity(state: torch.Tensor, t: torch.Tensor, y: torch.Tensor = y) -> torch.Tensor:
+                return guided_velocity(model, state, t, y, weight).float()
+
+            result = solve(velocity, x, times, method=solver, path=path, on_step=on_step)
+            evaluations = result.evaluations
+            chunks.append(result.x.float().cpu())
+    nfe = evaluations * (2 if weight != 0 else 1)
+    return SampleResult(samples=torch.cat(chunks), labels=labels, seeds=seeds, nfe_per_sample=nfe,
+                        steps=int(steps), solver=solver, guidance=weight)
+
+
+def _autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _check_labels(labels, count: int, num_classes: int) -> torch.Tensor:
+    if labels is None:
+        return torch.full((count,), num_classes, dtype=torch.long)
+    labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1).cpu()
+    if labels.numel() != count:
+        raise DistillKacError(f"labels: need one label per seed ({count}), got {labels.numel()}")
+    if num_classes == 0:
+        if bool((labels != 0).any()):
+            raise DistillKacError("--class: this model is unconditional; it takes no class labels")
+        return labels
+    if bool(((labels < 0) | (labels >= num_classes)).any()):
+        bad = int(labels[(labels < 0) | (labels >= num_classes)][0])
+        raise DistillKacError(f"--class: label {bad} is out of range; "
+                              f"this model has classes 0..{num_classes - 1}")
+    return labels
+
+
+def cycle_labels(count: int, num_classes: int, classes: Sequence[int] | None = None) -> torch.Tensor | None:
+    """Labels for ``count`` samples cycling through ``classes`` (default all); None if unconditional."""
+    if classes:
+        return torch.tensor([classes[i % len(classes)] for i in range(count)], dtype=torch.long)
+    if num_classes == 0:
+        return None
+    return torch.arange(count, dtype=torch.long) % num_classes
+
+
+def artifact_dir(path: str | os.PathLike) -> Path:
+    """An artefact directory given itself or a run directory holding ``artifact/``."""
+    path = Path(path)
+    if (path / "artifact" / "config.json").is_file() and not (path / "model.safetensors").is_file():
+        return path / "artifact"
+    return path
+
+
+def sample_artifact(artifact: str | os.PathLike | tuple[nn.Module, dict], *, seeds: Sequence[int],
+                    labels=None, steps: int | None = None, solver: str | None = None,
+                    guidance: float | None = None, grid: str | None = None, batch_size: int = 256,
+                    device: str | torch.device = "cpu", on_step: Callable | None = None,
+                    progress: bool = False) -> SampleResult:
+    """Sample a saved model (a directory, a run directory, or ``(model, meta)`` from load_artifact).
+
+    A student (meta ``kind == "student"``) has its steps, grid, Euler solver and guidance fixed by its
+    meta (asking for anything else is an error); a teacher or baseline uses ``steps`` (default 100),
+    ``solver`` (default AB-2), ``guidance`` (default 0) and ``grid`` (default uniform) as given.
+    """
+    if isinstance(artifact, tuple):
+        model, meta = artifact
+    else:
+        model, meta = load_artifact(artifact_dir(artifact), device=resolve_device(device))
+    path = build_path(meta["path"])
+    if meta.get("kind") == "student":
+        steps, solver, guidance, grid = _student_settings(meta, steps, solver, guidance, grid)
+        weight_for_solver = 0.0
+    else:
+        steps = DEFAULT_TEACHER_STEPS if steps is None else steps
+        solver = solver or "ab2"
+        guidance = 0.0 if guidance is None else guidance
+        grid = grid or "uniform"
+        weight_for_solver = guidance
+    result = generate(model, path, seeds=seeds, labels=labels, steps=steps, solver=solver,
+                      guidance=weight_for_solver, grid=grid, batch_size=batch_size, device=device,
+                      on_step=on_step, progress=progress)
+    result.guidance = float(guidance)
+    result.meta = meta
+    return result
+
+
+def _student_settings(meta: dict, steps, solver, guidance, grid) -> tuple[int, str, float, str]:
+    fixed_steps, fixed_grid = int(meta["steps"]), meta.get("grid", "uniform")
+    baked = float(meta.get("guidance", 0.0))
+    if steps is not None and steps != fixed_steps:
+        raise DistillKacError(f"--steps: this student was distilled for {fixed_steps} step(s); "
+                              f"it cannot sample with {steps}")
+    if solver is not None and solver != "euler":
+        raise DistillKacError(f"--solver: a student samples with its Euler steps only, not {solver!r}")
+    if guidance is not None and guidance != 0 and guidance != baked:
+        raise DistillKacError(f"--guidance: this student has guidance w={baked:g} baked in; "
+                              f"leave --guidance unset")
+    if grid is not None and grid != fixed_grid:
+        raise DistillKacError(f"grid: this student was distilled on the {fixed_grid!r} grid, not {grid!r}")
+    return fixed_steps, "euler", baked, fixed_grid
+
+
+# ------------------------------------------------------------------------------------------- files
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 0..255 (round to nearest, clamp); uint8 passes through."""
+    if images.dtype == torch.uint8:
+        return images
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def save_grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
+                  scale: int | None = None) -> None:
+    """Images ``[N, C, H, W]`` (float in [-1, 1] or uint8) as one PNG grid, ``nrow`` images per row,
+    1-pixel gaps; small images are enlarged ``scale`` times (default: to at least 32 pixels)."""
+    from PIL import Image
+
+    images = to_uint8(images.detach().cpu())
+    count, channels, height, width = images.shape
+    nrow = nrow or max(1, int(np.ceil(np.sqrt(count))))
+    scale = scale or max(1, 32 // max(height, width))
+    rows = (count + nrow - 1) // nrow
+    canvas = torch.zeros((channels, rows * (height + 1) + 1, nrow * (width + 1) + 1), dtype=torch.uint8)
+    for i in range(count):
+        top, left = 1 + (i // nrow) * (height + 1), 1 + (i % nrow) * (width + 1)
+        canvas[:, top:top + height, left:left + width] = images[i]
+    array = canvas.permute(1, 2, 0).numpy()
+    picture = Image.fromarray(array[:, :, 0] if channels == 1 else array)
+    if scale > 1:
+        picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_scatter_png(points: torch.Tensor, path: str | os.PathLike, labels: torch.Tensor | None = None,
+                     title: str | None = None, limit: float = 1.5) -> None:
+    """2-D points as a scatter plot (matplotlib, Agg backend), coloured by label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    points = points.detach().float().cpu().numpy()
+    figure, axes = plt.subplots(figsize=(5, 5), dpi=100)
+    colours = {} if labels is None else {"c": labels.cpu().numpy(), "cmap": "tab20"}
+    axes.scatter(points[:, 0], points[:, 1], s=2, alpha=0.6, linewidths=0, **colours)
+    axes.set_xlim(-limit, limit)
+    axes.set_ylim(-limit, limit)
+    axes.set_aspect("equal")
+    if title:
+        axes.set_title(title, fontsize=9)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", bbox_inches="tight")
+    plt.close(figure)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_samples_npz(path: str | os.PathLike, samples: torch.Tensor, labels: torch.Tensor | None,
+                     seeds: Sequence[int], meta: dict[str, Any]) -> None:
+    """``samples`` (uint8 images ``[N, C, H, W]`` or float points ``[N, 2]``), labels, seeds and a JSON
+    ``meta`` string, in one compressed npz written atomically."""
+    arrays = {"samples": samples.detach().cpu().numpy(), "seeds": np.asarray(list(seeds), dtype=np.int64),
+              "meta": np.asarray(json.dumps(meta, sort_keys=True))}
+    if labels is not None:
+        arrays["labels"] = labels.detach().cpu().numpy().astype(np.int64)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_result(result: SampleResult, out_dir: str | os.PathLike, nrow: int | None = None) -> dict[str, Path]:
+    """Write ``grid.png`` + ``samples.npz`` (images) or ``scatter.png`` + ``samples.npz`` (2-D points)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"steps": result.steps, "nfe_per_sample": result.nfe_per_sample, "solver": result.solver,
+            "guidance": result.guidance, "model_kind": result.meta.get("kind"),
+            "weights_sha256": result.meta.get("weights_sha256")}
+    labels = result.labels if result.meta.get("num_classes", 1) else None
+    if result.samples.dim() == 2:
+        picture = out_dir / "scatter.png"
+        save_scatter_png(result.samples, picture, labels,
+                         title=f"{result.steps} steps, {result.solver}, w={result.guidance:g}")
+        save_samples_npz(out_dir / "samples.npz", result.samples.float(), labels, result.seeds, meta)
+    else:
+        picture = out_dir / "grid.png"
+        save_grid_png(result.samples, picture, nrow=nrow)
+        save_samples_npz(out_dir / "samples.npz", to_uint8(result.samples), labels, result.seeds, meta)
+    return {"picture": picture, "npz": out_dir / "samples.npz"}

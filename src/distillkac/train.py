@@ -1,0 +1,595 @@
+"""The one training loop: teacher training now, endpoint distillation stages later.
+
+What the loop owns and an objective does not: data batches, micro-batching and gradient accumulation,
+DDP, mixed precision, AdamW with warm-up, gradient clipping, EMA, non-finite guards, logging, previews,
+checkpoints and exact resume. An :class:`Objective` only turns a micro-batch into per-sample losses.
+
+Determinism that does not depend on the number of processes (EDM practice, made exact):
+
+* the GLOBAL batch of step ``s`` is the index draw of a generator seeded from ``(seed, s)``;
+* it is cut into fixed micro-batches of ``train.micro_batch`` images; micro-batch ``j`` draws its
+  augmentation, times, noise and label dropout from a generator seeded from ``(seed, s, j)``;
+* micro-batches go round-robin to the DDP ranks; each rank accumulates ``sum(loss) * world / batch``
+  (DDP averages over ranks), so the all-reduced gradient is the global mean whatever the world size.
+
+So 1 or N processes compute the same update up to floating-point summation order, and a run stopped
+after k steps and resumed equals the uninterrupted run bit for bit (on the CPU): all randomness is a
+function of ``(seed, step, micro-batch)``, so no RNG state needs saving.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import platform
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from distillkac.checkpoint import (
+    RunLock,
+    atomic_write_bytes,
+    atomic_write_json,
+    load_training_state,
+    portable_state_dict,
+    save_artifact,
+    save_training_state,
+)
+from distillkac.errors import DistillKacError
+from distillkac.presets import RESUMABLE_TRAIN_FIELDS, RunConfig, config_differences
+from distillkac.rng import rand
+
+STATE_FILE = "training-state.pt"
+STATE_FORMAT = "distillkac-training-state"
+ARTIFACT_DIR = "artifact"
+
+
+class Objective(Protocol):
+    """What the loop trains: per-sample losses of a micro-batch, and the artefact's metadata."""
+
+    def per_sample_loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
+                        generator: torch.Generator) -> torch.Tensor:
+        """Loss per sample ``[B]`` (no reduction); every random draw comes from ``generator``."""
+
+    def artifact_meta(self) -> dict[str, Any]:
+        """Merged into the artefact's config.json (kind, path, guidance, steps, ...)."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    resumed_from: int
+    artifact_dir: Path
+    last_loss: float | None
+    nonfinite_skipped: int
+    wall_seconds: float
+
+
+# ------------------------------------------------------------------------------------- the teacher
+
+class TeacherObjective:
+    """Velocity regression on a path (method.md §2): ``t ~ U(0, T)``, ``x_t`` and target ``u*`` from the
+    path, labels dropped to the null label with probability ``label_dropout`` per sample,
+    loss ``mean over coordinates of (u_theta(x_t, t, y) - u*)^2``."""
+
+    def __init__(self, path, num_classes: int, label_dropout: float = 0.1) -> None:
+        self.path = path
+        self.num_classes = int(num_classes)
+        self.label_dropout = float(label_dropout)
+
+    def per_sample_loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
+                        generator: torch.Generator) -> torch.Tensor:
+        batch = x0.shape[0]
+        t = rand((batch,), generator, device=x0.device) * self.path.T
+        point = self.path.sample(x0, t, generator=generator)
+        drop = rand((batch,), generator, device=x0.device) < self.label_dropout
+        if self.num_classes == 0:
+            y = torch.zeros_like(y)
+        else:
+            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        prediction = model(point.x_t, t, y)
+        return (prediction.float() - point.target.float()).square().flatten(1).mean(dim=1)
+
+    def artifact_meta(self) -> dict[str, Any]:
+        kind = "teacher" if self.path.name == "kac" else "baseline"
+        return {"kind": kind, "path": self.path.to_config(), "objective": "velocity-mse",
+                "label_dropout": self.label_dropout}
+
+
+# ------------------------------------------------------------------------------------------ seeding
+
+def derive_seed(*parts: int | str) -> int:
+    """A 63-bit seed from a tuple such as ``(seed, step, micro_batch)`` (sha256, so nearby tuples give
+    unrelated streams)."""
+    digest = hashlib.sha256(json.dumps(list(parts)).encode("ascii")).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def batch_indices(seed: int, step: int, batch: int, dataset_size: int) -> torch.Tensor:
+    """The global batch of step ``step`` (0-based): uniform indices with replacement."""
+    generator = torch.Generator().manual_seed(derive_seed(seed, "batch", step))
+    return torch.randint(dataset_size, (batch,), generator=generator)
+
+
+def micro_generator(seed: int, step: int, micro: int, device: torch.device) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(derive_seed(seed, "micro", step, micro))
+
+
+@contextlib.contextmanager
+def network_rng(seed: int, step: int, micro: int, device: torch.device) -> Iterator[None]:
+    """Seed the global torch RNG from ``(seed, step, micro)`` for the duration of one micro-batch.
+
+    This is the ONE place the library touches the global RNG: ``nn.Dropout`` (inside the networks)
+    draws its masks from it and takes no generator. ``fork_rng`` saves and restores the caller's state,
+    so nothing leaks out, and the masks depend on (seed, step, micro-batch) only, which keeps
+    runs resumable bit for bit and independent of the process count.
+    """
+    devices = [device.index] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(seed, "dropout", step, micro))
+        yield
+
+
+# --------------------------------------------------------------------------------------- environment
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+
+def init_distributed(device_request: str) -> tuple[Distributed, torch.device]:
+    """Join the torchrun process group when ``WORLD_SIZE > 1`` (nccl on CUDA, gloo on the CPU)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_train_device(device_request, local_rank if world_size > 1 else None)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Distributed(rank, world_size, local_rank), device
+
+
+def resolve_train_device(request: str, local_rank: int | None) -> torch.device:
+    if request == "auto":
+        request = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(request)
+    except (RuntimeError, TypeError) as err:
+        raise DistillKacError(f"--device: unknown device {request!r}; use auto, cpu, cuda or cuda:N") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DistillKacError("--device: cuda requested but no CUDA device is available")
+        if device.index is None:
+            device = torch.device("cuda", local_rank or 0)
+        torch.cuda.set_device(device)
+    return device
+
+
+def environment_record(device: torch.device, world_size: int) -> dict[str, Any]:
+    import numpy
+
+    import distillkac
+
+    record = {"distillkac": distillkac.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+              "python": platform.python_version(), "platform": platform.platform(),
+              "hostname": socket.gethostname(), "device": str(device), "world_size": world_size,
+              "command": sys.argv, "cpu_threads": torch.get_num_threads()}
+    if device.type == "cuda":
+        record["device_name"] = torch.cuda.get_device_name(device)
+        record["cuda"] = torch.version.cuda
+    return record
+
+
+def autocast_for(config: RunConfig, device: torch.device):
+    precision = config.train.precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def use_channels_last(config: RunConfig, model: nn.Module, device: torch.device) -> bool:
+    setting = config.train.channels_last
+    is_image = getattr(model.config, "kind", None) == "unet"
+    return is_image and (setting == "on" or (setting == "auto" and device.type == "cuda"))
+
+
+# -------------------------------------------------------------------------------------- the run dir
+
+class RunLog:
+    """``log.txt`` + ``stats.jsonl`` of a run (main process only) and messages above the progress bar."""
+
+    def __init__(self, run_dir: Path, enabled: bool, echo: Callable[[str], None]) -> None:
+        self.run_dir, self.enabled, self.echo = run_dir, enabled, echo
+
+    def info(self, message: str) -> None:
+        if not self.enabled:
+            return
+        self.echo(message)
+        with open(self.run_dir / "log.txt", "a", encoding="utf-8") as file:
+            file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
+
+    def stats(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.run_dir / "stats.jsonl", "a", encoding="utf-8") as file:
+                file.write(json.dumps(row) + "\n")
+
+    def truncate_stats(self, step: int) -> None:
+        """Drop stats rows after ``step`` (written after the last checkpoint of an interrupted run)."""
+        path = self.run_dir / "stats.jsonl"
+        if not self.enabled or not path.is_file():
+            return
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        atomic_write_bytes(path, "".join(f"{line}\n" for line in rows).encode("utf-8"))
+
+
+def check_resume_config(stored: dict[str, Any], config: RunConfig, state_path: Path) -> None:
+    """Refuse to resume when the config changed in anything but length, logging and cadence."""
+    allowed = {f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS}
+    differing = [name for name in config_differences(stored, config.to_dict()) if name not in allowed]
+    if differing:
+        name = differing[0]
+        old, new = _lookup(stored, name), _lookup(config.to_dict(), name)
+        raise DistillKacError(f"resume: {state_path} was trained with {name} = {old!r}, now {new!r}; "
+                              f"use the same settings or another --outdir")
+
+
+def _lookup(values: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
+
+
+# ------------------------------------------------------------------------------------------ the loop
+
+@dataclass
+class _Window:
+    """Loss and throughput since the last stats row."""
+
+    first_step: int
+    start: float
+    loss_sum: float = 0.0
+    loss_count: int = 0
+
+    def add(self, loss: float | None) -> None:
+        if loss is not None:
+            self.loss_sum += loss
+            self.loss_count += 1
+
+    def mean_loss(self) -> float | None:
+        return self.loss_sum / self.loss_count if self.loss_count else None
+
+    def images_per_second(self, step: int, batch: int, now: float) -> float:
+        return (step - self.first_step) * batch / max(now - self.start, 1e-9)
+
+    def reset(self, step: int, now: float) -> None:
+        self.first_step, self.start, self.loss_sum, self.loss_count = step, now, 0.0, 0
+
+
+class _Trainer:
+    def __init__(self, config: RunConfig, run_dir: Path, model: nn.Module, objective: Objective, dataset,
+                 preview: Callable | None, progress: bool) -> None:
+        self.config, self.run_dir, self.objective, self.dataset = config, run_dir, objective, dataset
+        self.preview, self.progress = preview, progress
+        self.micro_count = config.train.batch // config.train.micro_batch
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if self.micro_count % world_size:
+            raise DistillKacError(f"train.micro_batch: {self.micro_count} micro-batches per step "
+                                  f"(batch {config.train.batch} / micro-batch {config.train.micro_batch}) "
+                                  f"cannot be shared by {world_size} processes; choose a multiple")
+        self.dist, self.device = init_distributed(config.train.device)
+        self.model = model.to(self.device)
+        if use_channels_last(config, model, self.device):
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
+                                           eps=optim.eps, weight_decay=optim.weight_decay)
+        self.step, self.skipped, self.resumed_from, self.last_saved = 0, 0, 0, 0
+        self.log = RunLog(run_dir, self.dist.is_main, self._echo)
+        self.bar = None
+
+    def _echo(self, message: str) -> None:
+        if self.bar is not None:
+            self.bar.write(message)
+        elif self.progress:
+            print(message, file=sys.stderr)
+
+    # ----------------------------------------------------------------------------- resume & save
+    def resume(self) -> None:
+        state_path = self.run_dir / STATE_FILE
+        if not state_path.is_file():
+            return
+        state = load_training_state(state_path)
+        if state.get("format") != STATE_FORMAT:
+            raise DistillKacError(f"resume: {state_path} is not a distillkac training state")
+        check_resume_config(state["config"], self.config, state_path)
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = self.resumed_from = self.last_saved = int(state["step"])
+        self.skipped = int(state["nonfinite_skipped"])
+        self.log.truncate_stats(self.step)
+        self.log.info(f"resumed from {state_path} at step {self.step}")
+
+    def save(self) -> None:
+        """Artefact (EMA weights) and training state, both atomically; main process only."""
+        if self.dist.is_main:
+            meta = {**self.objective.artifact_meta(), "train_step": self.step,
+                    "train_images": self.step * self.config.train.batch}
+            save_artifact(self.run_dir / ARTIFACT_DIR, self.ema, meta)
+            state = {"format": STATE_FORMAT, "version": 1, "step": self.step,
+                     "nonfinite_skipped": self.skipped, "config": self.config.to_dict(),
+                     "model": portable_state_dict(self.model), "ema": portable_state_dict(self.ema),
+                     "optimizer": self.optimizer.state_dict()}
+            save_training_state(self.run_dir / STATE_FILE, state)
+            self.log.info(f"checkpoint at step {self.step}")
+        self.last_saved = self.step
+        self.dist.barrier()
+
+    def write_config(self) -> None:
+        if self.dist.is_main:
+            record = {**self.config.to_dict(),
+                      "environment": environment_record(self.device, self.dist.world_size)}
+            atomic_write_json(self.run_dir / "config.json", record)
+
+    # ------------------------------------------------------------------------------------- steps
+    def learning_rate(self) -> float:
+        optim = self.config.optim
+        images = (self.step + 1) * self.config.train.batch
+        if optim.warmup_images == 0:
+            return optim.lr
+        return optim.lr * min(1.0, images / optim.warmup_images)
+
+    def ema_beta(self) -> float:
+        """``0.5 ** (batch / half-life)``, the half-life capped at ``ema_rampup * images seen`` (EDM)."""
+        train = self.config.train
+        halflife = train.ema_halflife_images
+        if train.ema_rampup is not None:
+            halflife = min(halflife, (self.step + 1) * train.batch * train.ema_rampup)
+        return 0.5 ** (train.batch / max(halflife, 1e-8))
+
+    def accumulate_gradients(self, network: nn.Module) -> torch.Tensor:
+        """Forward/backward of this rank's micro-batches; returns the summed loss (float64)."""
+        train = self.config.train
+        indices = batch_indices(train.seed, self.step, train.batch, len(self.dataset))
+        mine = list(range(self.dist.rank, self.micro_count, self.dist.world_size))
+        scale = self.dist.world_size / train.batch
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for position, micro in enumerate(mine):
+            generator = micro_generator(train.seed, self.step, micro, self.device)
+            rows = indices[micro * train.micro_batch:(micro + 1) * train.micro_batch]
+            x0, y = self.dataset.get_batch(rows, generator)
+            x0, y = x0.to(self.device), y.to(self.device)
+            if use_channels_last(self.config, self.model, self.device):
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            last = position == len(mine) - 1
+            sync = contextlib.nullcontext() if last or self.dist.world_size == 1 else network.no_sync()
+            with sync, network_rng(train.seed, self.step, micro, self.device):
+                with autocast_for(self.config, self.device):
+                    losses = self.objective.per_sample_loss(network, x0, y, generator)
+                loss_sum = losses.float().sum()
+                (loss_sum * scale).backward()
+            total += loss_sum.detach().double()
+        if self.dist.world_size > 1:
+            dist.all_reduce(total)
+        return total
+
+    def update_ema(self, beta: float) -> None:
+        with torch.no_grad():
+            for ema_param, param in zip(self.ema.parameters(), self.model.parameters()):
+                ema_param.lerp_(param.detach(), 1.0 - beta)
+            for ema_buffer, buffer in zip(self.ema.buffers(), self.model.buffers()):
+                ema_buffer.copy_(buffer)
+
+    def train_step(self, network: nn.Module) -> tuple[float, float, bool]:
+        """One optimiser step; returns (mean loss, pre-clip gradient norm, whether it was applied)."""
+        lr = self.learning_rate()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loss = float(self.accumulate_gradients(network)) / self.config.train.batch
+        clip = self.config.optim.grad_clip
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                         clip if clip > 0 else math.inf))
+        finite = math.isfinite(loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if finite:
+            self.update_ema(self.ema_beta())
+        return loss, grad_norm, finite
+
+    def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
+        """Count a bad step; past ``train.skip_nonfinite`` of them, stop (nothing poisoned is saved)."""
+        self.skipped += 1
+        what = f"loss {loss}, gradient norm {grad_norm}"
+        if self.skipped > self.config.train.skip_nonfinite:
+            kept = (f"the last good checkpoint (step {self.last_saved}) is kept in {self.run_dir}"
+                    if self.last_saved else "no checkpoint had been written yet")
+            raise DistillKacError(f"non-finite loss or gradient at step {self.step + 1} ({what}); {kept}; "
+                                  f"lower --lr or allow skips with --skip-nonfinite")
+        self.log.info(f"step {self.step + 1}: non-finite {what}; update skipped "
+                      f"({self.skipped} of at most {self.config.train.skip_nonfinite})")
+
+    def wrap(self) -> nn.Module:
+        network = self.model
+        if self.dist.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            network = nn.parallel.DistributedDataParallel(self.model, device_ids=device_ids)
+        if self.config.train.compile:
+            network = torch.compile(network)
+        return network
+
+    def run(self) -> TrainResult:
+        train = self.config.train
+        start_time = time.perf_counter()
+        if self.step >= train.steps:
+            self.log.info(f"already trained for {self.step} >= {train.steps} steps; nothing to do")
+            return self.result(None, start_time)
+        network = self.wrap()
+        self.log.info(f"training steps {self.step + 1}..{train.steps} on {self.device} "
+                      f"x{self.dist.world_size}, batch {train.batch} in {self.micro_count} "
+                      f"micro-batches of {train.micro_batch}")
+        self.model.train()
+        window = _Window(self.step, time.perf_counter())
+        loss = None
+        self.bar = self._progress_bar()
+        try:
+            while self.step < train.steps:
+                loss, grad_norm, finite = self.train_step(network)
+                if not finite:
+                    self.handle_nonfinite(loss, grad_norm)
+                self.step += 1
+                window.add(loss if finite else None)
+                if self.bar is not None:
+                    self.bar.update(1)
+                    self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                self.after_step(window, grad_norm, start_time)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+                self.bar = None
+        self.log.info(f"done: step {self.step}, last loss {loss:.5f}")
+        return self.result(loss, start_time)
+
+    def after_step(self, window: _Window, grad_norm: float, start_time: float) -> None:
+        """Stats row, preview grid and checkpoint when their cadence (or the last step) comes."""
+        train = self.config.train
+        final = self.step == train.steps
+        if self.step % train.log_every == 0 or final:
+            now = time.perf_counter()
+            self.log.stats({"step": self.step, "images": self.step * train.batch, "loss": window.mean_loss(),
+                            "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": grad_norm,
+                            "images_per_s": window.images_per_second(self.step, train.batch, now),
+                            "nonfinite_skipped": self.skipped, "wall_s": now - start_time})
+            window.reset(self.step, now)
+        if self.preview is not None and (self.step % train.sample_every == 0 or final):
+            self.save_preview()
+        if self.step % train.ckpt_every == 0 or final:
+            self.save()
+
+    def _progress_bar(self):
+        if not (self.progress and self.dist.is_main):
+            return None
+        from tqdm import tqdm
+
+        return tqdm(total=self.config.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                    desc=self.run_dir.name)
+
+    def save_preview(self) -> None:
+        if not self.dist.is_main:
+            return
+        from distillkac.sampling import save_grid_png, save_scatter_png
+
+        samples = self.preview(self.ema, self.step).detach().float().cpu()
+        path = self.run_dir / "samples" / f"step-{self.step:07d}.png"
+        if samples.dim() == 2:
+            save_scatter_png(samples, path, title=f"step {self.step}")
+        else:
+            save_grid_png(samples, path)
+
+    def result(self, loss: float | None, start_time: float) -> TrainResult:
+        return TrainResult(run_dir=self.run_dir, step=self.step, resumed_from=self.resumed_from,
+                           artifact_dir=self.run_dir / ARTIFACT_DIR, last_loss=loss,
+                           nonfinite_skipped=self.skipped, wall_seconds=time.perf_counter() - start_time)
+
+
+def train(config: RunConfig, run_dir: str | os.PathLike, model: nn.Module, objective: Objective, dataset, *,
+          preview: Callable[[nn.Module, int], torch.Tensor] | None = None,
+          progress: bool = True) -> TrainResult:
+    """Train ``model`` on ``objective`` over ``dataset`` into ``run_dir``, resuming from its training state.
+
+    ``model`` must be freshly initialised (from ``config.train.seed``); on resume its weights are
+    replaced by the stored ones. ``preview(ema_model, step)`` returns images in [-1, 1] (or 2-D points)
+    for ``samples/step-XXXXXXX.png``. Runs under torchrun (DDP) or in a single process.
+    """
+    config.validate()
+    run_dir = Path(run_dir)
+    joined_here = not dist.is_initialized()
+    trainer = _Trainer(config, run_dir, model, objective, dataset, preview, progress)
+    try:
+        lock = RunLock(run_dir) if trainer.dist.is_main else contextlib.nullcontext()
+        if trainer.dist.is_main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        with lock:
+            trainer.dist.barrier()
+            trainer.resume()
+            trainer.write_config()
+            return trainer.run()
+    finally:
+        if joined_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------- teacher training
+
+def resolve_config(config: RunConfig, data_shape: tuple[int, ...], num_classes: int) -> RunConfig:
+    """Fill the network's shape and class count from the dataset (the "resolved" config of a run)."""
+    net = config.net
+    if net.kind == "unet":
+        channels, resolution = data_shape[0], data_shape[-1]
+        net = dataclasses.replace(net, image_channels=channels, resolution=resolution,
+                                  num_classes=num_classes)
+    else:
+        net = dataclasses.replace(net, dim=data_shape[0], num_classes=num_classes)
+    return dataclasses.replace(config, net=net).validate()
+
+
+def teacher_preview(config: RunConfig, path, num_classes: int) -> Callable[[nn.Module, int], torch.Tensor]:
+    """Preview sampler: 2000 points for toy2d, else 100 images (or 64 unconditional), fixed seeds."""
+    from distillkac.sampling import cycle_labels, generate
+
+    train = config.train
+    count = 2000 if config.net.kind == "mlp" else (10 * min(num_classes, 10) if num_classes else 64)
+    guidance = train.preview_guidance if num_classes else 0.0
+    labels = cycle_labels(count, num_classes)
+
+    def preview(model: nn.Module, step: int) -> torch.Tensor:
+        device = next(model.parameters()).device
+        return generate(model, path, seeds=range(count), labels=labels, steps=train.preview_steps,
+                        solver=train.preview_solver, guidance=guidance, device=device,
+                        batch_size=max(count, 1)).samples
+
+    return preview
+
+
+def train_teacher(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
+                  dataset=None) -> TrainResult:
+    """Load the data, build the network (weights from ``train.seed``) and the path, and train."""
+    from distillkac.data import load_dataset
+    from distillkac.nets import build_network
+    from distillkac.paths import build_path
+
+    dataset = dataset if dataset is not None else load_dataset(config.data, "train")
+    config = resolve_config(config, tuple(dataset.data_shape), dataset.num_classes)
+    path = build_path(dataclasses.asdict(config.path))
+    init = torch.Generator().manual_seed(derive_seed(config.train.seed, "init"))
+    model = build_network(config.net, generator=init)
+    objective = TeacherObjective(path, dataset.num_classes, config.train.label_dropout)
+    preview = teacher_preview(config, path, dataset.num_classes)
+    return train(config, run_dir, model, objective, dataset, preview=preview, progress=progress)
