@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from distillkac.data import DataConfig
 from distillkac.nets import MLPConfig, UNetConfig
@@ -12,9 +13,9 @@ from distillkac.presets import OptimConfig, PathConfig, RunConfig, TrainConfig
 def make_toy_config(steps: int = 6, batch: int = 32, micro_batch: int = 8, hidden: int = 32, depth: int = 2,
                     dropout: float = 0.0, **train_overrides) -> RunConfig:
     """A toy2d Kac run with a tiny MLP (16 classes: one per mode of the 4x4 grid)."""
-    train = dict(steps=steps, batch=batch, micro_batch=micro_batch, ema_halflife_images=500.0, ema_rampup=None,
-                 log_every=1, ckpt_every=steps, sample_every=steps, preview_steps=5, preview_guidance=0.0,
-                 device="cpu")
+    train = dict(steps=steps, batch=batch, micro_batch=micro_batch, ema_halflife_images=500.0,
+                 ema_rampup=None, log_every=1, ckpt_every=steps, sample_every=steps, preview_steps=5,
+                 preview_guidance=0.0, device="cpu")
     train.update(train_overrides)
     return RunConfig(data=DataConfig(name="toy2d", toy="grid", toy_size=512),
                      net=MLPConfig(dim=2, hidden=hidden, depth=depth, num_classes=16, dropout=dropout),
@@ -23,10 +24,20 @@ def make_toy_config(steps: int = 6, batch: int = 32, micro_batch: int = 8, hidde
 
 
 def tiny_unet_config(num_classes: int = 3) -> UNetConfig:
-    return UNetConfig(image_channels=1, resolution=8, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                      attn_resolutions=(4,), dropout=0.0, num_classes=num_classes, groups=8)
+    return UNetConfig(image_channels=1, resolution=8, model_channels=16, channel_mult=(1, 2),
+                      num_res_blocks=1, attn_resolutions=(4,), dropout=0.0, num_classes=num_classes, groups=8)
 
 
 @pytest.fixture
 def toy_config() -> RunConfig:
     return make_toy_config()
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    """Run a module's tiny models on one CPU thread: faster for them, and immune to the slowdown that
+    two OpenMP threads suffer when the machine's cores are busy with other work."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

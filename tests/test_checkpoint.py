@@ -29,6 +29,8 @@ from distillkac.nets import MLPConfig, build_network
 
 META = {"kind": "teacher", "path": {"kind": "kac", "kac_a": 9.0, "kac_c": 3.0, "T": 1.0}}
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _trained_like(model: torch.nn.Module, seed: int = 7) -> torch.nn.Module:
     """Perturb every weight (the zero-initialised output layer would make outputs trivially equal)."""
@@ -196,6 +198,7 @@ def test_malicious_training_state_is_refused_without_running_code(tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
 def test_corrupt_training_state_is_refused(tmp_path):
     path = tmp_path / "training-state.pt"
     path.write_bytes(b"\x80\x04garbage" * 10)
@@ -212,7 +215,8 @@ def test_lock_refuses_a_second_holder_and_is_released(tmp_path):
         with pytest.raises(DistillKacError, match=f"in use \\(locked by pid {os.getpid()}"):
             RunLock(tmp_path).__enter__()
         code = ("import sys; from distillkac.checkpoint import RunLock\n"
-                "try:\n    RunLock(sys.argv[1]).__enter__()\nexcept ValueError as e:\n    print(e); sys.exit(3)")
+                "try:\n    RunLock(sys.argv[1]).__enter__()\n"
+                "except ValueError as e:\n    print(e); sys.exit(3)")
         other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,
                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
         assert other.returncode == 3 and "is in use" in other.stdout

@@ -19,6 +19,8 @@ from distillkac.sampling import cycle_labels, generate, sample_artifact, save_gr
 
 KAC = {"kind": "kac", "kac_a": 9.0, "kac_c": 3.0, "T": 1.0, "schedule": "linear", "g_schedule": "t"}
 
+pytestmark = pytest.mark.usefixtures("single_thread")
+
 
 def _perturbed(model: torch.nn.Module) -> torch.nn.Module:
     generator = torch.Generator().manual_seed(11)
@@ -152,3 +154,21 @@ def test_grid_png_pixels(tmp_path):
     pixels = np.asarray(Image.open(tmp_path / "g.png"))
     assert pixels.shape == (4, 7, 3)
     assert (pixels[1:3, 1:3] == 0).all() and (pixels[1:3, 4:6] == 255).all()
+
+
+def test_sample_command_writes_grid_and_npz(tmp_path, unet, capsys):
+    from distillkac.cli import main
+
+    teacher = _save(tmp_path, unet)
+    out = tmp_path / "out"
+    code = main(["sample", "--checkpoint", teacher, "--steps", "3", "--guidance", "1", "--num", "5", "--seed", "7",
+                 "--class", "2,0", "--out", str(out), "--device", "cpu"])
+    assert code == 0 and "NFE 6 per sample" in capsys.readouterr().err
+    with np.load(out / "samples.npz") as npz:
+        assert npz["seeds"].tolist() == [7, 8, 9, 10, 11] and npz["labels"].tolist() == [2, 0, 2, 0, 2]
+        expected = sample_artifact(teacher, seeds=range(7, 12), labels=[2, 0, 2, 0, 2], steps=3, guidance=1.0)
+        assert np.array_equal(npz["samples"], ((expected.samples + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+    assert (out / "grid.png").is_file()
+    assert main(["sample", "--checkpoint", teacher, "--class", "5", "--out", str(tmp_path / "bad")]) == 2
+    assert "label 5 is out of range" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()

@@ -623,6 +623,12 @@ class DigitsClassifier(nn.Module):
         return model
 
 
+def digits_reference_images() -> torch.Tensor:
+    """The held-out digits (the fixed test split of distillkac.data), float [-1, 1] ``[297, 1, 8, 8]``."""
+    test = _digits_split("test")
+    return test.get_batch(torch.arange(len(test)))[0]
+
+
 def _digits_split(split: str):
     from distillkac.data import DataConfig, load_dataset
 
@@ -790,8 +796,8 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, num_projections: int,
                          f"{list(b.shape)}")
     directions = torch.randn((a.shape[1], num_projections), generator=generator, dtype=torch.float64)
     directions /= directions.norm(dim=0, keepdim=True)
-    project_a = (a.to(torch.float64) @ directions).sort(dim=0).values
-    project_b = (b.to(torch.float64) @ directions).sort(dim=0).values
+    project_a = (directions.T @ a.to(torch.float64).T).sort(dim=1).values
+    project_b = (directions.T @ b.to(torch.float64).T).sort(dim=1).values
     return float((project_a - project_b).square().mean().sqrt())
 
 

@@ -311,7 +311,7 @@ def _toy2d() -> RunConfig:
         data=DataConfig(name="toy2d", toy="grid", toy_size=20_000),
         net=MLPConfig(dim=2, hidden=128, depth=3, num_classes=16),
         path=PathConfig(), optim=OptimConfig(lr=2e-3, warmup_images=25_600, grad_clip=1.0),
-        train=TrainConfig(steps=1500, batch=256, micro_batch=256, ema_halflife_images=25_000, ema_rampup=0.1,
+        train=TrainConfig(steps=1000, batch=256, micro_batch=256, ema_halflife_images=25_000, ema_rampup=0.1,
                           log_every=100, ckpt_every=500, sample_every=500, preview_steps=50,
                           preview_guidance=0.0))
 

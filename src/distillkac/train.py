@@ -531,8 +531,8 @@ def train(config: RunConfig, run_dir: str | os.PathLike, model: nn.Module, objec
     config.validate()
     run_dir = Path(run_dir)
     joined_here = not dist.is_initialized()
-    trainer = _Trainer(config, run_dir, model, objective, dataset, preview, progress)
     try:
+        trainer = _Trainer(config, run_dir, model, objective, dataset, preview, progress)
         lock = RunLock(run_dir) if trainer.dist.is_main else contextlib.nullcontext()
         if trainer.dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)

@@ -15,10 +15,11 @@ def register(subparsers) -> None:
         description='Prints one JSON line {"fid", "num_images", "label", ...}. Images are used at their own '
                     "resolution, which must match the reference's.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--images", required=True,
+    parser.add_argument("--images", required=True, default=argparse.SUPPRESS,
                         help="a folder of PNG/JPEG files, or an .npz with key 'images' (uint8 [N, C, H, W] "
                              "or [N, H, W, C], as `distillkac sample` writes)")
-    parser.add_argument("--ref", required=True, help="reference statistics .npz from `distillkac ref`")
+    parser.add_argument("--ref", required=True, default=argparse.SUPPRESS,
+                        help="reference statistics .npz from `distillkac ref`")
     parser.add_argument("--inception-weights", default=None,
                         help=f"{WEIGHTS_HELP}; must be the one the reference was made with")
     parser.add_argument("--batch", type=int, default=250, help="images per Inception forward pass")

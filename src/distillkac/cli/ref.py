@@ -17,11 +17,12 @@ def register(subparsers) -> None:
         description="Inception pool3 statistics of every image of a split (or a seeded subset with --limit), "
                     "at the images' own resolution, written to an .npz with their metadata.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--dataset", required=True, choices=FID_DATASETS, help="which dataset loader to use")
-    parser.add_argument("--data", required=True,
+    parser.add_argument("--dataset", required=True, default=argparse.SUPPRESS, choices=FID_DATASETS,
+                        help="which dataset loader to use")
+    parser.add_argument("--data", required=True, default=argparse.SUPPRESS,
                         help="dataset path (CIFAR-10 batches/zip/folder, or an image folder/zip)")
     parser.add_argument("--split", default="train", choices=("train", "test"), help="dataset split")
-    parser.add_argument("--out", required=True, help="output .npz file")
+    parser.add_argument("--out", required=True, default=argparse.SUPPRESS, help="output .npz file")
     parser.add_argument("--resolution", type=int, default=None,
                         help="folder dataset: square size images are centre-cropped and resized to")
     parser.add_argument("--channels", type=int, default=None, choices=(1, 3),

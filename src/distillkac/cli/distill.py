@@ -1,0 +1,124 @@
+"""``distillkac distill``: endpoint distillation of a teacher through a plan of step counts.
+
+Each stage (teacher steps -> student steps) is a resumable run in OUTDIR/stage-<M>step with its own
+student artefact (OUTDIR/stage-<M>step/artifact), path-closeness curve (closeness.json / closeness.png)
+and stats.jsonl. Rerunning the command skips finished stages and resumes an interrupted one.
+Options left unset take the distillation preset's value (chosen from the teacher's dataset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from distillkac.distill import DISTILL_PRESETS, START_STATES
+from distillkac.presets import PRECISIONS
+
+#: option -> DistillSettings field
+OVERRIDES = {"plan": "plan", "guidance": "guidance", "steps_per_stage": "steps_per_stage", "batch": "batch",
+             "micro_batch": "micro_batch", "lr": "lr", "ema_halflife": "ema_halflife_images", "seed": "seed",
+             "start_states": "start_states", "device": "device", "precision": "precision",
+             "closeness_samples": "closeness_samples", "warmup_images": "warmup_images",
+             "ckpt_every": "ckpt_every", "log_every": "log_every", "sample_every": "sample_every"}
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None and action.option_strings and action.dest != "help":
+            return f"{action.help} (default: the distillation preset's value)"
+        return super()._get_help_string(action)
+
+
+def _preset_values(name: str) -> str:
+    def show(value) -> str:
+        return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}" \
+            if isinstance(value, float) else str(value)
+
+    return "; ".join(f"{preset}={show(getattr(cfg, name))}" for preset, cfg in DISTILL_PRESETS.items())
+
+
+def _plan(text: str) -> tuple[int, ...]:
+    from distillkac.distill import parse_plan
+
+    try:
+        return parse_plan(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--plan: ")) from err
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("distill", help="distil a teacher into few-step students",
+                                   description=__doc__, formatter_class=_HelpFormatter)
+    parser.add_argument("--teacher", required=True, help="teacher run directory (uses RUN/artifact) or artefact")
+    parser.add_argument("--outdir", required=True, help="output directory; one sub-directory per stage")
+    parser.add_argument("--plan", type=_plan, default=None,
+                        help=f"step counts, teacher first, each dividing the previous [{_preset_values('plan')}]")
+    parser.add_argument("--stage", type=int, default=None,
+                        help="run only stage N (1 = the first teacher -> student pair); its teacher must exist "
+                             "(default: all stages)")
+    parser.add_argument("--preset", choices=list(DISTILL_PRESETS), default=None,
+                        help="distillation preset (default: from the teacher's dataset)")
+    parser.add_argument("--data", default=None,
+                        help="start-state data: a dataset path, or digits|toy2d (default: the teacher run's)")
+    group = parser.add_argument_group("distillation")
+    group.add_argument("--guidance", type=float, default=None,
+                       help=f"CFG weight w baked into the students [{_preset_values('guidance')}]; "
+                            f"a student teacher keeps its own")
+    group.add_argument("--start-states", choices=list(START_STATES), default=None,
+                       help="x_{t_k}: forward-noised data, or teacher roll-outs from the prior [data]")
+    group.add_argument("--steps-per-stage", type=int, default=None,
+                       help=f"optimiser steps per stage [{_preset_values('steps_per_stage')}]")
+    group.add_argument("--batch", type=int, default=None, help="GLOBAL batch size (all processes together)")
+    group.add_argument("--micro-batch", type=int, default=None, help="images per forward pass; divides --batch")
+    group.add_argument("--lr", type=float, default=None, help=f"learning rate [{_preset_values('lr')}]")
+    group.add_argument("--warmup-images", type=int, default=None, help="linear learning-rate warm-up, in images")
+    group.add_argument("--ema-halflife", type=float, default=None, help="EMA half-life in images")
+    group.add_argument("--seed", type=int, default=None, help="seed of the batches and noise")
+    group.add_argument("--closeness-samples", type=int, default=None,
+                       help="prior draws for the path-closeness curve")
+    group = parser.add_argument_group("hardware and logging")
+    group.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N [auto]")
+    group.add_argument("--precision", choices=list(PRECISIONS), default=None,
+                       help="auto = bf16 autocast on CUDA, fp32 on the CPU [auto]")
+    group.add_argument("--log-every", type=int, default=None, help="steps between stats.jsonl rows")
+    group.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints")
+    group.add_argument("--sample-every", type=int, default=None, help="steps between preview grids")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print each stage's resolved config and exit; create nothing")
+    parser.set_defaults(func=run)
+
+
+def settings_from_args(args: argparse.Namespace):
+    """The distillation (teacher, settings) from the preset and the command-line overrides."""
+    from distillkac.distill import get_distill_preset, preset_key, resolve_data, resolve_teacher
+
+    source = resolve_teacher(args.teacher)
+    name = args.preset or preset_key(resolve_data(source, args.data))
+    settings = get_distill_preset(name)
+    changes = {field: getattr(args, option) for option, field in OVERRIDES.items()
+               if getattr(args, option, None) is not None}
+    if args.guidance is None and source.meta.get("kind") == "student":
+        changes["guidance"] = float(source.meta["guidance"])
+    return dataclasses.replace(settings, **changes)
+
+
+def run(args: argparse.Namespace) -> int:
+    from distillkac.distill import Distillation
+
+    settings = settings_from_args(args)
+    distillation = Distillation(args.teacher, args.outdir, settings, data=args.data)
+    if args.dry_run:
+        print(json.dumps(distillation.configs(args.stage), indent=2))
+        return 0
+    outcomes = distillation.run(args.stage, progress=not args.no_progress)
+    for outcome in outcomes:
+        closeness = outcome.closeness or {}
+        state = "skipped (finished)" if outcome.skipped else f"trained in {outcome.wall_seconds:.0f} s"
+        print(f"stage {outcome.stage.index}: {outcome.stage.teacher_steps} -> {outcome.stage.student_steps} "
+              f"steps, {state}; path closeness max {closeness.get('max', float('nan')):.4f}, "
+              f"final {closeness.get('final', float('nan')):.4f}; artefact {outcome.stage_dir / 'artifact'}",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,69 @@
+"""``distillkac eval``: the NFE table. One JSON row per model × steps × solver × guidance goes to
+OUT/results.jsonl (rows already there are skipped, so rerunning resumes), then OUT/table.md and
+OUT/metric_vs_nfe.png are drawn from all rows in the file. Image i uses seed S+i and label i mod
+num_classes. Students are evaluated only at their own step count with Euler and their baked-in
+guidance. Under torchrun the seeds are shared between the processes; the images are the same."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+from distillkac.evaluate import METRICS
+from distillkac.solvers import SOLVERS
+
+
+def _comma_list(parse: Callable[[str], object], what: str) -> Callable[[str], list]:
+    def parse_list(text: str) -> list:
+        try:
+            values = [parse(part.strip()) for part in text.split(",") if part.strip()]
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from err
+        if not values:
+            raise argparse.ArgumentTypeError(f"expected at least one of {what}")
+        return values
+
+    return parse_list
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("eval", help="metric vs NFE table for model artefacts",
+                                   description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--checkpoint", action="append", required=True,
+                        help="model artefact or run directory (repeat for several models)")
+    parser.add_argument("--steps", type=_comma_list(int, "integers"), default=[100],
+                        help="comma-separated solver step counts, e.g. 100,20,4,2,1 (teachers and baselines)")
+    parser.add_argument("--solver", type=_comma_list(str, "solver names"), default=["ab2"],
+                        help=f"comma-separated solvers from {', '.join(SOLVERS)}")
+    parser.add_argument("--guidance", type=_comma_list(float, "numbers"), default=[0.0],
+                        help="comma-separated CFG weights w (u = (1+w) u(y) - w u(null))")
+    parser.add_argument("--metric", required=True, help=f"one of {', '.join(METRICS)}")
+    parser.add_argument("--num", type=int, required=True, help="samples per row (FID protocol: 50000)")
+    parser.add_argument("--ref", default=None, help="FID reference statistics .npz from `distillkac ref`")
+    parser.add_argument("--inception-weights", default=None,
+                        help="Inception weights file (else $DISTILLKAC_INCEPTION_WEIGHTS, else torch-fidelity's "
+                             "download); must be the one the reference was made with")
+    parser.add_argument("--batch", type=int, default=256, help="samples per forward pass (per process)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of image 0 (image i uses seed+i)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--out", required=True, help="output directory (results.jsonl, table.md, PNG)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from distillkac.evaluate import evaluate, process_group_from_environment, render_table, write_reports
+
+    group, device = process_group_from_environment(args.device)
+    rows = evaluate(args.checkpoint, args.steps, args.solver, args.guidance, args.metric, args.num,
+                    ref=args.ref, inception_weights=args.inception_weights, batch_size=args.batch,
+                    seed=args.seed, device=device, out=args.out, progress=not args.no_progress, group=group)
+    if group.is_main:
+        all_rows = write_reports(args.out, skipped=[row for row in rows if "skipped" in row])
+        print(render_table(all_rows), end="")
+        done = sum(1 for row in rows if "skipped" not in row)
+        total = sum(1 for row in all_rows if "skipped" not in row)
+        print(f"{done} row(s) for this command, {total} in {args.out}/table.md", file=sys.stderr)
+    group.barrier()
+    return 0
