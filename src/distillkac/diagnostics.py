@@ -1,4 +1,4 @@
-"""Velocity diagnostics: how large the velocity field gets along the path (the stiffness claim, method.md §1–3).
+"""Velocity diagnostics: how large the velocity gets along the path (the stiffness claim, method.md §1–3).
 
 A Kac path moves every coordinate at finite speed: the conditional target
 ``u* = f'(t)·x0 + g'(t)·v(τ, g(t))`` has ``|v| ≤ c``, so each coordinate obeys

@@ -58,13 +58,14 @@ TeacherFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 class DistillSettings:
     """Everything a distillation needs besides the teacher and the output directory.
 
-    ``steps_per_stage`` optimiser steps per stage, ``batch`` global (``micro_batch`` per forward), EMA as a
-    half-life in images (train.py). ``closeness_samples`` prior draws for the path-closeness curve.
+    ``steps_per_stage``: optimiser steps per stage (one count for all, or one per stage); ``batch`` is
+    global (``micro_batch`` per forward); EMA as a half-life in images (train.py);
+    ``closeness_samples``: prior draws for the path-closeness curve.
     """
 
     plan: tuple[int, ...] = (100, 20, 4, 2, 1)
     guidance: float = 0.0
-    steps_per_stage: int = 10_000
+    steps_per_stage: int | tuple[int, ...] = 10_000
     batch: int = 128
     micro_batch: int = 32
     lr: float = 1e-4
@@ -89,15 +90,27 @@ class DistillSettings:
             raise DistillKacError(f"--closeness-samples: must be a positive integer, got {self.closeness_samples!r}")
         if not (isinstance(self.guidance, int | float) and math.isfinite(self.guidance) and self.guidance >= 0):
             raise DistillKacError(f"--guidance: must be a finite number >= 0, got {self.guidance!r}")
+        counts = self.steps_per_stage if isinstance(self.steps_per_stage, tuple) else (self.steps_per_stage,)
+        if isinstance(self.steps_per_stage, tuple) and len(counts) != len(self.plan) - 1:
+            raise DistillKacError(f"--steps-per-stage: give one count, or one per stage ({len(self.plan) - 1} for "
+                                  f"the plan {','.join(map(str, self.plan))}), got {len(counts)}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+            raise DistillKacError(f"--steps-per-stage: must be positive integers, got {self.steps_per_stage!r}")
         return self
+
+    def stage_steps(self, stage: Stage) -> int:
+        """Optimiser steps of ``stage``."""
+        if isinstance(self.steps_per_stage, tuple):
+            return self.steps_per_stage[stage.index - 1]
+        return self.steps_per_stage
 
 
 DISTILL_PRESETS: dict[str, DistillSettings] = {
     # Sized for 2 CPU cores: the four stages of 100 -> 1 step together take about 6 minutes.
-    "digits": DistillSettings(plan=(100, 20, 4, 2, 1), guidance=1.0, steps_per_stage=120, batch=64,
+    "digits": DistillSettings(plan=(100, 20, 4, 2, 1), guidance=1.0, steps_per_stage=(80, 200, 300, 300), batch=64,
                               micro_batch=64, lr=5e-4, warmup_images=0, ema_halflife_images=1000.0,
-                              ema_rampup=None, closeness_samples=200, log_every=10, ckpt_every=60,
-                              sample_every=120),
+                              ema_rampup=None, closeness_samples=200, log_every=20, ckpt_every=120,
+                              sample_every=240),
     "toy2d": DistillSettings(plan=(50, 10, 2, 1), guidance=0.0, steps_per_stage=300, batch=256,
                              micro_batch=256, lr=1e-3, ema_halflife_images=5000.0, ema_rampup=None,
                              closeness_samples=1000, log_every=50, ckpt_every=150, sample_every=300),
@@ -282,7 +295,8 @@ def integrate_rows(velocity: TeacherFn, x: torch.Tensor, y: torch.Tensor, times:
 def grid_times(first_index: torch.Tensor, count: int, total_steps: int, T: float) -> torch.Tensor:
     """``T(1 - i/total_steps)`` for ``i = first_index + 0..count`` (float64 ``[count + 1, B]``), bitwise the
     times of ``solvers.time_grid(total_steps, T)``."""
-    index = first_index.to(torch.float64)[None, :] + torch.arange(count + 1, dtype=torch.float64)[:, None]
+    offsets = torch.arange(count + 1, dtype=torch.float64, device=first_index.device)
+    index = first_index.to(torch.float64)[None, :] + offsets[:, None]
     return T * (1 - index / total_steps)
 
 
@@ -530,7 +544,7 @@ def stage_run_config(meta: dict[str, Any], data: DataConfig, stage: Stage, setti
     known = {f.name for f in dataclasses.fields(PathConfig)}
     path = PathConfig(**{key: value for key, value in meta["path"].items() if key in known})
     optim = OptimConfig(lr=settings.lr, warmup_images=settings.warmup_images, grad_clip=settings.grad_clip)
-    train = TrainConfig(steps=settings.steps_per_stage, batch=settings.batch, micro_batch=settings.micro_batch,
+    train = TrainConfig(steps=settings.stage_steps(stage), batch=settings.batch, micro_batch=settings.micro_batch,
                         ema_halflife_images=settings.ema_halflife_images, ema_rampup=settings.ema_rampup,
                         label_dropout=0.0, seed=settings.seed, log_every=settings.log_every,
                         ckpt_every=settings.ckpt_every, sample_every=settings.sample_every,
@@ -584,6 +598,32 @@ def _describe_path(config: Any) -> str:
         return (f"kac a={config.get('kac_a'):g}, c={config.get('kac_c'):g}, T={config.get('T'):g}, "
                 f"{config.get('schedule')}/{config.get('g_schedule')}")
     return ", ".join(f"{key}={value}" for key, value in config.items())
+
+
+#: Settings a finished stage may be skipped under although they differ (they do not change the student).
+SKIPPABLE_FIELDS = ("device", "precision", "compile", "channels_last")
+
+
+def check_finished_stage(stage_dir: Path, config) -> None:
+    """Refuse to skip a finished stage whose stored config differs from ``config`` in anything that
+    defines its student (the training loop's length, logging and hardware settings may differ)."""
+    from distillkac.presets import RESUMABLE_TRAIN_FIELDS, config_differences
+
+    stored = json.loads((stage_dir / "config.json").read_text(encoding="utf-8"))
+    stored.pop("environment", None)
+    ignored = {f"train.{name}" for name in (*RESUMABLE_TRAIN_FIELDS, *SKIPPABLE_FIELDS)}
+    current = config.to_dict()
+    for name in config_differences(stored, current):
+        if name not in ignored:
+            old, new = _lookup(stored, name), _lookup(current, name)
+            raise DistillKacError(f"{stage_dir}: this finished stage was distilled with {name} = {old!r}, "
+                                  f"now {new!r}; use the same settings or another --outdir")
+
+
+def _lookup(values: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
 
 
 def stage_finished(stage_dir: Path, steps: int) -> bool:
@@ -671,7 +711,7 @@ class Distillation:
         artifact = self.teacher_artifact(stage)
         if stage.index > 1:
             previous = self.stages[stage.index - 2]
-            if not stage_finished(self.stage_dir(previous), self.settings.steps_per_stage):
+            if not stage_finished(self.stage_dir(previous), self.settings.stage_steps(previous)):
                 raise DistillKacError(f"--stage {stage.index}: its teacher {self.stage_dir(previous)} has not "
                                       f"finished; run stage {previous.index} first")
         return load_teacher(artifact, stage.teacher_steps, self.settings.guidance, device=device)
@@ -714,8 +754,9 @@ class Distillation:
         stage_dir = self.stage_dir(stage)
         config = stage_run_config(teacher.meta, self.data, stage, self.settings, teacher.record())
         path = build_path(teacher.meta["path"])
-        skipped = stage_finished(stage_dir, self.settings.steps_per_stage)
+        skipped = stage_finished(stage_dir, self.settings.stage_steps(stage))
         if skipped:
+            check_finished_stage(stage_dir, config)
             if progress:
                 _echo(f"{stage_dir}: stage {stage.index} ({stage.teacher_steps} -> {stage.student_steps} steps) "
                       f"is finished; skipped")

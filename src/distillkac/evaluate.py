@@ -167,7 +167,7 @@ def process_group_from_environment(device: str) -> tuple[ProcessGroup, torch.dev
 
 @dataclass
 class Moments:
-    """Count, mean ``[D]`` and centred scatter ``Σ (f - mean)(f - mean)ᵀ`` ``[D, D]`` of feature rows (float64).
+    """Count, mean ``[D]`` and centred scatter ``Σ (f - m)(f - m)ᵀ`` ``[D, D]`` of feature rows (float64).
 
     Parts merge exactly (Chan et al.): ``N = Σ n_i``, ``m = Σ n_i m_i / N``,
     ``S = Σ S_i + Σ n_i (m_i - m)(m_i - m)ᵀ``, so the statistics do not depend on how the rows were
@@ -267,7 +267,8 @@ class MetricContext:
                                   f"{classes} classes; need {DIGITS_SHAPE} and 10 or 0 classes)")
         elif self.metric == "toy2d" and (shape != TOY2D_SHAPE or classes not in (0, 16)):
             raise DistillKacError(f"--metric toy2d: {checkpoint} is not a model of the 4x4 grid mixture "
-                                  f"(data {shape}, {classes} classes; need {TOY2D_SHAPE} and 16 or 0 classes)")
+                                  f"(data {shape}, {classes} classes; need {TOY2D_SHAPE} and 16 or 0 "
+                                  f"classes)")
 
     @property
     def reference_record(self) -> dict[str, Any] | None:
@@ -478,7 +479,8 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], steps: Sequence[int], sol
     """Evaluate every model at every planned setting; return one row per setting plus skip entries.
 
     Rows already in ``out/results.jsonl`` (same model sha256, steps, solver, guidance, metric, num,
-    seed and reference statistics) are returned as they are, not recomputed; new rows are appended
+    seed and reference statistics) are not recomputed: they come back from the file, marked
+    ``"resumed": True``; new rows are appended
     there as soon as each is done (rank 0). Requested settings a model cannot use come back as entries
     with a ``"skipped"`` reason (never written to the file). Every input problem is found before any
     sample is drawn.
@@ -507,7 +509,7 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], steps: Sequence[int], sol
             for setting in settings:
                 record = _row_base(name, checkpoint, meta, setting, metric, num, seed, context)
                 if _row_key(record) in done:
-                    rows.append(done[_row_key(record)])
+                    rows.append({**done[_row_key(record)], "resumed": True})
                     continue
                 if model is None:
                     model, meta = load_artifact(directory, device=device)
@@ -531,7 +533,8 @@ def _row_base(name: str, checkpoint, meta: dict[str, Any], setting: Setting, met
     return row
 
 
-def _skip_entry(name: str, meta: dict[str, Any], setting: Setting, metric: str, reason: str) -> dict[str, Any]:
+def _skip_entry(name: str, meta: dict[str, Any], setting: Setting, metric: str,
+                reason: str) -> dict[str, Any]:
     return {"model": name, "kind": meta.get("kind"), "model_sha256": meta["weights_sha256"],
             "steps": setting.steps, "solver": setting.solver, "guidance": setting.guidance, "metric": metric,
             "skipped": reason}
@@ -577,8 +580,10 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
     skipped settings and what the student rows mean."""
     results = [row for row in rows if "skipped" not in row]
     order = {name: i for i, name in reversed(list(enumerate(row["model"] for row in rows)))}
-    results.sort(key=lambda r: (order[r["model"]], r["metric"], -r["steps"], r["solver"], r["guidance"], r["num"]))
-    lines = ["| model | kind | steps | NFE | solver | guidance | metric | value | details | samples | seconds |",
+    results.sort(key=lambda r: (order[r["model"]], r["metric"], -r["steps"], r["solver"], r["guidance"],
+                                r["num"]))
+    lines = ["| model | kind | steps | NFE | solver | guidance | metric | value | details | samples "
+             "| seconds |",
              "|---|---|---:|---:|---|---:|---|---:|---|---:|---:|"]
     for row in results:
         model = f"{row['model']} †" if row.get("kind") == "student" else row["model"]
@@ -587,8 +592,8 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
                      f"{row['num']} | {row['seconds']:.1f} |")
     notes = []
     if any(row.get("kind") == "student" for row in results):
-        notes.append("† distilled student: guidance baked in, evaluated only at its own step count with Euler "
-                     "(NFE = steps); other requested steps/solvers/guidances are skipped for it.")
+        notes.append("† distilled student: guidance baked in, evaluated only at its own step count with "
+                     "Euler (NFE = steps); other requested steps/solvers/guidances are skipped for it.")
     skipped: dict[tuple[str, str], list[str]] = {}
     for row in rows:
         if "skipped" in row:
@@ -605,7 +610,7 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
 def _series_name(row: dict[str, Any]) -> str:
     if row.get("kind") == "student":
         teacher = (row.get("teacher_sha256") or "")[:8]
-        return f"students of {teacher} (w={row['guidance']:g})" if teacher else f"students (w={row['guidance']:g})"
+        return f"students of {teacher or '?'} (w={row['guidance']:g})"
     return f"{row['model']} {row['solver']} w={row['guidance']:g}"
 
 

@@ -26,8 +26,10 @@ OVERRIDES = {"plan": "plan", "guidance": "guidance", "steps_per_stage": "steps_p
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None and action.option_strings and action.dest != "help":
+        if action.dest in OVERRIDES:
             return f"{action.help} (default: the distillation preset's value)"
+        if action.default is None or action.required:
+            return action.help
         return super()._get_help_string(action)
 
 
@@ -46,6 +48,14 @@ def _plan(text: str) -> tuple[int, ...]:
         return parse_plan(text)
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err).removeprefix("--plan: ")) from err
+
+
+def _counts(text: str) -> int | tuple[int, ...]:
+    try:
+        counts = tuple(int(part) for part in text.split(","))
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected an integer or comma-separated integers, got {text!r}") from err
+    return counts[0] if len(counts) == 1 else counts
 
 
 def register(subparsers) -> None:
@@ -67,9 +77,11 @@ def register(subparsers) -> None:
                        help=f"CFG weight w baked into the students [{_preset_values('guidance')}]; "
                             f"a student teacher keeps its own")
     group.add_argument("--start-states", choices=list(START_STATES), default=None,
-                       help="x_{t_k}: forward-noised data, or teacher roll-outs from the prior [data]")
-    group.add_argument("--steps-per-stage", type=int, default=None,
-                       help=f"optimiser steps per stage [{_preset_values('steps_per_stage')}]")
+                       help=f"x_{{t_k}}: forward-noised data, or teacher roll-outs from the prior "
+                            f"[{_preset_values('start_states')}]")
+    group.add_argument("--steps-per-stage", type=_counts, default=None,
+                       help=f"optimiser steps per stage: one count, or one per stage "
+                            f"[{_preset_values('steps_per_stage')}]")
     group.add_argument("--batch", type=int, default=None, help="GLOBAL batch size (all processes together)")
     group.add_argument("--micro-batch", type=int, default=None, help="images per forward pass; divides --batch")
     group.add_argument("--lr", type=float, default=None, help=f"learning rate [{_preset_values('lr')}]")
@@ -79,9 +91,9 @@ def register(subparsers) -> None:
     group.add_argument("--closeness-samples", type=int, default=None,
                        help="prior draws for the path-closeness curve")
     group = parser.add_argument_group("hardware and logging")
-    group.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N [auto]")
+    group.add_argument("--device", default=None, help=f"auto, cpu, cuda or cuda:N [{_preset_values('device')}]")
     group.add_argument("--precision", choices=list(PRECISIONS), default=None,
-                       help="auto = bf16 autocast on CUDA, fp32 on the CPU [auto]")
+                       help=f"auto = bf16 autocast on CUDA, fp32 on the CPU [{_preset_values('precision')}]")
     group.add_argument("--log-every", type=int, default=None, help="steps between stats.jsonl rows")
     group.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints")
     group.add_argument("--sample-every", type=int, default=None, help="steps between preview grids")

@@ -29,7 +29,8 @@ def _comma_list(parse: Callable[[str], object], what: str) -> Callable[[str], li
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="metric vs NFE table for model artefacts",
-                                   description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   description=__doc__,
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", action="append", required=True,
                         help="model artefact or run directory (repeat for several models)")
     parser.add_argument("--steps", type=_comma_list(int, "integers"), default=[100],
@@ -42,8 +43,8 @@ def register(subparsers) -> None:
     parser.add_argument("--num", type=int, required=True, help="samples per row (FID protocol: 50000)")
     parser.add_argument("--ref", default=None, help="FID reference statistics .npz from `distillkac ref`")
     parser.add_argument("--inception-weights", default=None,
-                        help="Inception weights file (else $DISTILLKAC_INCEPTION_WEIGHTS, else torch-fidelity's "
-                             "download); must be the one the reference was made with")
+                        help="Inception weights file (else $DISTILLKAC_INCEPTION_WEIGHTS, else "
+                             "torch-fidelity's download); must be the one the reference was made with")
     parser.add_argument("--batch", type=int, default=256, help="samples per forward pass (per process)")
     parser.add_argument("--seed", type=int, default=0, help="seed of image 0 (image i uses seed+i)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -62,8 +63,10 @@ def run(args: argparse.Namespace) -> int:
     if group.is_main:
         all_rows = write_reports(args.out, skipped=[row for row in rows if "skipped" in row])
         print(render_table(all_rows), end="")
-        done = sum(1 for row in rows if "skipped" not in row)
+        new = sum(1 for row in rows if "skipped" not in row and not row.get("resumed"))
+        resumed = sum(1 for row in rows if row.get("resumed"))
         total = sum(1 for row in all_rows if "skipped" not in row)
-        print(f"{done} row(s) for this command, {total} in {args.out}/table.md", file=sys.stderr)
+        print(f"{new} new row(s), {resumed} already in results.jsonl; {total} row(s) in {args.out}/table.md",
+              file=sys.stderr)
     group.barrier()
     return 0

@@ -1,0 +1,379 @@
+"""The NFE table (eval): NFE, students, resume, sharding, FID rows, errors; velocity diagnostics."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_unet_config
+
+from distillkac.checkpoint import save_artifact
+from distillkac.cli import main
+from distillkac.data import DataConfig, toy_mixture
+from distillkac.diagnostics import analytic_velocity_profile, plot_velocity_profiles, velocity_profile
+from distillkac.errors import DistillKacError
+from distillkac.evaluate import (
+    MetricContext,
+    Moments,
+    Setting,
+    evaluate,
+    evaluate_shard,
+    nfe_per_sample,
+    plan_settings,
+    read_results,
+    render_table,
+    shard_indices,
+)
+from distillkac.kac import KacProcess
+from distillkac.metrics import toy2d_metrics
+from distillkac.nets import MLPConfig, build_network
+from distillkac.paths import FlowPath, KacPath, VPPath, build_path
+from distillkac.rng import seeded_generators
+from distillkac.sampling import sample_artifact
+from distillkac.solvers import time_grid
+
+KAC = {"kind": "kac", "kac_a": 9.0, "kac_c": 3.0, "T": 1.0, "schedule": "linear", "g_schedule": "t"}
+INCEPTION = Path(os.environ.get("DISTILLKAC_INCEPTION_WEIGHTS") or Path(__file__).resolve().parents[2]
+                 / "shared/data/inception/pt_inception-2015-12-05-pool3-nanfc.pth")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _perturbed(model: torch.nn.Module, seed: int = 11, scale: float = 0.1) -> torch.nn.Module:
+    """A fresh network predicts exactly 0 (zero output layer); perturb it so that steps matter."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(scale * torch.randn(parameter.shape, generator=generator))
+    return model.eval()
+
+
+def _tiny_unet() -> torch.nn.Module:
+    return build_network(tiny_unet_config(3), generator=torch.Generator().manual_seed(0))
+
+
+def _toy_net() -> torch.nn.Module:
+    config = MLPConfig(dim=2, hidden=16, depth=1, num_classes=16)
+    return _perturbed(build_network(config, generator=torch.Generator().manual_seed(0)))
+
+
+@pytest.fixture(scope="module")
+def toy_models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    net = _toy_net()
+    save_artifact(root / "teacher", net, {"kind": "teacher", "path": KAC})
+    save_artifact(root / "student", _perturbed(_toy_net(), seed=12),
+                  {"kind": "student", "path": KAC, "steps": 2, "grid": "uniform", "solver": "euler",
+                   "guidance": 1.5, "teacher_sha256": "ab" * 32})
+    return {"teacher": root / "teacher", "student": root / "student"}
+
+
+# ---------------------------------------------------------------------------------------- NFE table
+
+def test_nfe_accounting():
+    assert nfe_per_sample(4, "ab2", 1.0) == 8
+    assert nfe_per_sample(4, "euler", 0.0) == 4
+    assert nfe_per_sample(4, "heun", 0.0) == 8
+    assert nfe_per_sample(4, "midpoint", 2.0) == 16
+    assert nfe_per_sample(100, "ab2", 1.0) == 200
+    assert Setting(4, "euler", 1.5, baked=True).nfe == 4
+
+
+def test_eval_cli_rows_table_plot_and_resume(toy_models, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["eval", "--checkpoint", str(toy_models["teacher"]), "--checkpoint", str(toy_models["student"]),
+            "--steps", "4,2", "--solver", "ab2,euler,heun", "--guidance", "0,1", "--metric", "toy2d",
+            "--num", "16", "--out", str(out), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    rows = read_results(out)
+    teacher = [r for r in rows if r["kind"] == "teacher"]
+    assert len(teacher) == 2 * 3 * 2
+    nfe = {(r["steps"], r["solver"], r["guidance"]): r["nfe"] for r in teacher}
+    assert nfe[(4, "ab2", 1.0)] == 8
+    assert nfe[(4, "euler", 0.0)] == 4
+    assert nfe[(4, "heun", 0.0)] == 8
+    assert nfe[(4, "heun", 1.0)] == 16
+    assert nfe[(2, "euler", 1.0)] == 4
+    assert all(r["num"] == 16 and r["seed"] == 0 and r["label"] == "sliced_wasserstein" for r in rows)
+    # The student: one row, at its own 2 Euler steps with its baked-in guidance, 1 NFE per step.
+    (student,) = [r for r in rows if r["kind"] == "student"]
+    assert (student["steps"], student["solver"], student["guidance"], student["nfe"]) == (2, "euler", 1.5, 2)
+    table = (out / "table.md").read_text()
+    assert table.startswith("| model | kind | steps | NFE | solver | guidance | metric |")
+    assert table.count("\n| teacher |") == 12 and "| student † |" in table
+    assert "Skipped for student (distilled student: evaluated only at its own 2 steps" in table
+    assert (out / "metric_vs_nfe.png").read_bytes()[:8] == PNG_MAGIC
+    # Rerun with one more guidance weight: only the 6 new teacher rows are computed and appended.
+    lines_before = (out / "results.jsonl").read_text().splitlines()
+    capsys.readouterr()
+    assert main([*argv[:10], "0,1,2", *argv[11:]]) == 0
+    lines_after = (out / "results.jsonl").read_text().splitlines()
+    assert lines_after[:len(lines_before)] == lines_before
+    added = [json.loads(line) for line in lines_after[len(lines_before):]]
+    assert len(added) == 6 and {r["guidance"] for r in added} == {2.0}
+    assert "6 new row(s), 13 already in results.jsonl; 19 row(s) in" in capsys.readouterr().err
+    assert main(argv) == 0
+    assert (out / "results.jsonl").read_text().splitlines() == lines_after
+    assert "0 new row(s), 13 already in results.jsonl; 19 row(s) in" in capsys.readouterr().err
+
+
+def test_rows_are_the_seeded_samples_metric(toy_models):
+    """A row's value is the metric of images 0..num-1 drawn with seeds S+i and labels i mod 16."""
+    (row,) = evaluate([toy_models["teacher"]], [3], ["ab2"], [1.0], "toy2d", 24, seed=5, batch_size=7,
+                      device="cpu", progress=False)
+    labels = torch.arange(24) % 16
+    samples = sample_artifact(toy_models["teacher"], seeds=range(5, 29), labels=labels, steps=3, solver="ab2",
+                              guidance=1.0).samples
+    expected = toy2d_metrics(samples, labels, toy_mixture(DataConfig(name="toy2d", toy="grid")))
+    assert row["nfe"] == 6 and row["evaluations"] == 3
+    for key in ("sliced_wasserstein", "log_likelihood", "mode_coverage", "class_accuracy"):
+        assert row["values"][key] == pytest.approx(expected[key], rel=1e-5, abs=1e-9)
+
+
+def test_plan_settings_skips_what_a_model_cannot_do():
+    meta = {"kind": "baseline", "path": {"kind": "flow"}, "num_classes": 0}
+    keep, skipped = plan_settings(meta, [4], ["euler", "ddim"], [0.0, 1.0])
+    assert keep == [Setting(4, "euler", 0.0)]
+    assert [(s.solver, s.guidance) for s, _ in skipped] == [("euler", 1.0), ("ddim", 0.0), ("ddim", 1.0)]
+    vp = {"kind": "baseline", "path": {"kind": "vp"}, "num_classes": 10}
+    assert len(plan_settings(vp, [4, 2], ["ddim"], [0.0, 1.0])[0]) == 4
+    student = {"kind": "student", "path": KAC, "num_classes": 10, "steps": 4, "guidance": 2.0}
+    keep, skipped = plan_settings(student, [4, 20], ["euler", "ab2"], [2.0])
+    assert keep == [Setting(4, "euler", 2.0, baked=True)] and len(skipped) == 3
+    table = render_table([{"model": "s", "kind": "student", "steps": 20, "solver": "ab2", "guidance": 2.0,
+                           "metric": "fid", "skipped": "why"}])
+    assert "Skipped for s (why): 20/ab2/w=2." in table
+
+
+# ------------------------------------------------------------------------------------------ shards
+
+@pytest.mark.parametrize("num, world_size", [(0, 1), (1, 3), (10, 1), (10, 3), (17, 4), (5, 8)])
+def test_shards_cover_every_image_once(num, world_size):
+    shards = [list(shard_indices(num, rank, world_size)) for rank in range(world_size)]
+    flat = sorted(itertools.chain.from_iterable(shards))
+    assert flat == list(range(num))
+    assert max(len(s) for s in shards) - min(len(s) for s in shards) <= 1
+
+
+def test_shard_arguments_are_checked():
+    for rank, world_size in [(3, 3), (-1, 2), (0, 0)]:
+        with pytest.raises(DistillKacError, match="rank"):
+            shard_indices(4, rank, world_size)
+
+
+def test_moments_merge_in_any_order_equals_one_pass():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn((23, 5), generator=generator, dtype=torch.float64) * 3 + 7
+    reference = np.cov(features.numpy(), rowvar=False)
+    for world_size in (1, 2, 3, 5, 30):
+        parts = [Moments.from_features(features[list(shard_indices(23, r, world_size))])
+                 for r in range(world_size)]
+        for order in (parts, parts[::-1]):
+            stats = Moments.merge(order).stats()
+            assert stats.count == 23
+            np.testing.assert_allclose(stats.mu, features.mean(0).numpy(), rtol=0, atol=1e-12)
+            np.testing.assert_allclose(stats.sigma, reference, rtol=1e-12, atol=1e-12)
+
+
+def test_simulated_ranks_give_the_single_process_result(toy_models):
+    """Shards made by ranks 0..W-1 (in any order) merge into the one-process samples and metric."""
+    from distillkac.checkpoint import load_artifact
+
+    model, meta = load_artifact(toy_models["teacher"])
+    setting = Setting(3, "euler", 1.0)
+    context = MetricContext("toy2d", ref=None, inception_weights=None, batch_size=4,
+                            device=torch.device("cpu"), progress=False)
+    kwargs = dict(num=11, seed=3, batch_size=4, device=torch.device("cpu"))
+    single = evaluate_shard(model, meta, setting, context, rank=0, world_size=1, **kwargs)
+    world_size = 3
+    parts = {rank: evaluate_shard(model, meta, setting, context, rank=rank, world_size=world_size, **kwargs)
+             for rank in (2, 0, 1)}
+    shards = [shard_indices(11, r, world_size) for r in range(world_size)]
+    merged = context.finish([parts[r] for r in range(world_size)], shards, 16)
+    alone = context.finish([single], [shard_indices(11, 0, 1)], 16)
+    for rank in range(world_size):  # each shard holds exactly the one-process images of its seeds
+        torch.testing.assert_close(parts[rank]["samples"], single["samples"][list(shards[rank])],
+                                   atol=1e-6, rtol=0)
+        assert torch.equal(parts[rank]["labels"], single["labels"][list(shards[rank])])
+    assert merged["sliced_wasserstein"] == pytest.approx(alone["sliced_wasserstein"], rel=1e-5)
+    assert merged["log_likelihood"] == pytest.approx(alone["log_likelihood"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- FID
+
+def _fake_reference(path: Path, resolution: list[int], weights_id: str = "torch-fidelity-default") -> None:
+    from distillkac.metrics import GaussianStats, save_reference
+
+    stats = GaussianStats(np.zeros(4), np.eye(4), 10)
+    meta = {"dataset": {"name": "fake"}, "split": "train", "resolution": resolution, "channels": 1,
+            "weights_sha256": weights_id}
+    save_reference(path, stats, meta)
+
+
+@pytest.mark.skipif(not INCEPTION.is_file(), reason=f"offline Inception weights not found at {INCEPTION}")
+def test_fid_row_against_a_small_reference(tmp_path, monkeypatch):
+    """One FID row (Inception on CPU and a 2048-d Fréchet distance are slow: 10 images, one distance)."""
+    import distillkac.metrics as metrics
+    from distillkac.data import load_dataset
+
+    save_artifact(tmp_path / "unet", _perturbed(_tiny_unet(), scale=0.05), {"kind": "teacher", "path": KAC})
+    extractor = metrics.InceptionFeatures(INCEPTION, "cpu", batch_size=8)
+    digits = load_dataset(DataConfig(name="digits"), "test")
+    reference = metrics.compute_reference(digits, "test", extractor, limit=6, progress=False)
+    metrics.save_reference(tmp_path / "ref.npz", reference.stats, reference.meta)
+    distances, frechet_distance = [], metrics.frechet_distance
+
+    def recording_distance(mu1, sigma1, mu2, sigma2):
+        distances.append((mu1, sigma1, mu2, sigma2, frechet_distance(mu1, sigma1, mu2, sigma2)))
+        return distances[-1][-1]
+
+    monkeypatch.setattr(metrics, "frechet_distance", recording_distance)
+    args = ([tmp_path / "unet"], [2], ["euler"], [1.0], "fid", 4)
+    kwargs = dict(ref=tmp_path / "ref.npz", inception_weights=str(INCEPTION), batch_size=3, device="cpu",
+                  out=tmp_path / "eval", progress=False)
+    (row,) = evaluate(*args, **kwargs)
+    assert (row["steps"], row["nfe"], row["label"], row["num"], row["guidance"]) == (2, 4, "FID-4", 4, 1.0)
+    assert row["reference"]["stats_sha256"] == reference.stats.sha256()
+    assert row["values"]["weights_sha256"] == extractor.weights_id
+    (mu1, sigma1, mu2, sigma2, value) = distances[0]
+    assert row["value"] == value and math.isfinite(value) and value > 0
+    # The streamed moments equal metrics' own statistics of the same seeded images (seed i, label i mod 3).
+    images = metrics.to_uint8(sample_artifact(tmp_path / "unet", seeds=range(4), labels=torch.arange(4) % 3,
+                                              steps=2, solver="euler", guidance=1.0).samples)
+    direct = metrics.feature_stats([images], extractor, progress=False)
+    np.testing.assert_allclose(mu1, direct.mu, rtol=0, atol=1e-6 * np.abs(direct.mu).max())
+    np.testing.assert_allclose(sigma1, direct.sigma, rtol=0, atol=1e-6 * np.abs(direct.sigma).max())
+    assert np.array_equal(mu2, reference.stats.mu) and np.array_equal(sigma2, reference.stats.sigma)
+    # Rerun: the row is found in results.jsonl, nothing is recomputed.
+    (again,) = evaluate(*args, **kwargs)
+    assert again["resumed"] and again["value"] == row["value"] and len(distances) == 1
+    assert len(read_results(tmp_path / "eval")) == 1
+
+
+def test_fid_needs_a_reference_of_the_same_resolution(toy_models, tmp_path, monkeypatch):
+    monkeypatch.delenv("DISTILLKAC_INCEPTION_WEIGHTS", raising=False)
+    save_artifact(tmp_path / "unet", _tiny_unet(), {"kind": "teacher", "path": KAC})
+    with pytest.raises(DistillKacError, match="--ref: the fid metric needs reference statistics"):
+        evaluate([tmp_path / "unet"], [1], ["euler"], [0.0], "fid", 4, device="cpu")
+    _fake_reference(tmp_path / "ref16.npz", [16, 16])
+    with pytest.raises(DistillKacError, match=r"is for \[16, 16\] images, but the images are \[8, 8\]"):
+        evaluate([tmp_path / "unet"], [1], ["euler"], [0.0], "fid", 4, ref=tmp_path / "ref16.npz",
+                 device="cpu")
+    _fake_reference(tmp_path / "ref8.npz", [8, 8])
+    with pytest.raises(DistillKacError, match="not images"):
+        evaluate([toy_models["teacher"]], [1], ["euler"], [0.0], "fid", 4, ref=tmp_path / "ref8.npz",
+                 device="cpu")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"--metric": "inception"}, "--metric: unknown metric 'inception'"),
+    ({"--solver": "euler,rk4"}, "--solver: unknown solver 'rk4'"),
+    ({"--steps": "4,0"}, "--steps: need positive integers"),
+    ({"--steps": "4,x"}, "argument --steps: expected comma-separated integers"),
+    ({"--metric": "fid"}, "--ref: the fid metric needs reference statistics"),
+    ({"--metric": "digits"}, "--metric digits:"),
+    ({"--num": "0"}, "--num: the toy2d metric needs at least 1 samples"),
+    ({"--checkpoint": "/nonexistent/model"}, "checkpoint: /nonexistent/model is not a directory"),
+])
+def test_cli_errors_are_one_line_with_exit_2(toy_models, tmp_path, capsys, change, message):
+    options = {"--checkpoint": str(toy_models["teacher"]), "--steps": "2", "--solver": "euler",
+               "--metric": "toy2d", "--num": "4", "--out": str(tmp_path / "eval"), "--device": "cpu"}
+    options.update(change)
+    argv = ["eval", *itertools.chain.from_iterable(options.items())]
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # argparse's own usage errors
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("distillkac: error: ") and err.count("\n") == 1 and message in err
+    assert not (tmp_path / "eval" / "results.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------------ diagnostics
+
+class LinearVelocity(torch.nn.Module):
+    """``u(x, t) = x``: Euler gives ``x_{k+1} = (1 - h)·x_k`` exactly."""
+
+    num_classes = 0
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(data_shape=(3,))
+
+    def forward(self, x, t, y):
+        return x.clone()
+
+
+@pytest.mark.parametrize("solver, factor", [("euler", lambda h: 1 - h), ("ab2", None),
+                                            ("heun", lambda h: 1 - h + h * h / 2)])
+def test_velocity_profile_has_one_entry_per_step(solver, factor):
+    path = KacPath(KacProcess(9.0, 3.0))
+    steps, seeds = 5, list(range(7))
+    profile = velocity_profile(LinearVelocity(), path, steps=steps, solver=solver, guidance=0.0, seeds=seeds,
+                               labels=None, device="cpu", batch_size=3)
+    assert len(profile["times"]) == len(profile["rms"]) == len(profile["max_abs"]) == steps
+    assert profile["times"] == pytest.approx(time_grid(steps, 1.0).tolist()[:-1], abs=0)
+    prior = path.prior((7, 3), generator=seeded_generators(seeds)).double()
+    assert profile["rms"][0] == pytest.approx(float(prior.square().mean().sqrt()), rel=1e-6)
+    assert profile["max_abs"][0] == pytest.approx(float(prior.abs().max()), rel=1e-6)
+    if factor is not None:
+        h = 1.0 / steps
+        for k in range(steps):
+            assert profile["rms"][k] == pytest.approx(profile["rms"][0] * factor(h) ** k, rel=1e-5)
+
+
+def test_analytic_profile_kac_velocity_is_bounded_by_speed():
+    c = 3.0
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand((256, 16), generator=generator, dtype=torch.float64) * 2 - 1
+    x0[0, :8], x0[0, 8:] = 1.0, -1.0
+    times = [1e-3, 0.05, 0.3, 0.7, 1.0]
+    profile = analytic_velocity_profile(KacPath(KacProcess(9.0, c)), x0, times, generator)
+    assert profile["times"] == times
+    assert max(profile["max_abs"]) <= 1 + c + 1e-12  # |f'|·max|x0| + c with f' = -1 (T = 1, linear)
+    assert profile["max_abs"][0] >= 0.99 * (1 + c)  # at small t most coordinates sit on the atoms ±c·t
+    # T = 2: f' = -1/2, g' = 1, data in [-0.5, 0.5]: bound 0.25 + c.
+    profile = analytic_velocity_profile(KacPath(KacProcess(9.0, c), T=2.0), x0 / 2, times, generator)
+    assert max(profile["max_abs"]) <= 0.25 + c + 1e-12
+
+
+def test_analytic_profile_flow_matching_is_noise_minus_data():
+    x0 = torch.rand((64, 4), generator=torch.Generator().manual_seed(1)) * 2 - 1
+    times = [0.1, 0.9]
+    profile = analytic_velocity_profile(FlowPath(), x0, times, torch.Generator().manual_seed(5))
+    replay = torch.Generator().manual_seed(5)
+    for k in range(len(times)):
+        target = (torch.randn(x0.shape, generator=replay) - x0).double()
+        assert profile["rms"][k] == pytest.approx(float(target.square().mean().sqrt()), rel=1e-6)
+        assert profile["max_abs"][k] == pytest.approx(float(target.abs().max()), rel=1e-6)
+
+
+def test_analytic_profile_vp_velocity_blows_up_near_the_data():
+    path = VPPath()
+    x0 = torch.rand((4096, 8), generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2 - 1
+    times = [1e-4, 1e-3, 0.5]
+    profile = analytic_velocity_profile(path, x0, times, torch.Generator().manual_seed(3))
+    second_moment = float(x0.square().mean())
+    for t, rms in zip(times, profile["rms"]):  # E u² = α'²·E x0² + σ'² (noise independent of data)
+        _, _, dalpha, dsigma = path.alpha_sigma(torch.tensor([t], dtype=torch.float64))
+        expected = math.sqrt(float(dalpha) ** 2 * second_moment + float(dsigma) ** 2)
+        assert rms == pytest.approx(expected, rel=0.03)  # 32768 coordinates: relative sd of rms ≈ 0.4%
+    assert profile["rms"][1] / profile["rms"][2] > 2.5  # analytic 2.68 (cosine schedule, s = 0.008)
+    assert profile["rms"][0] / profile["rms"][2] > 7.5  # analytic 7.84: σ' grows like t^(-1/2)
+    kac = analytic_velocity_profile(build_path(KAC), x0.float(), times, torch.Generator().manual_seed(4))
+    assert max(kac["max_abs"]) <= 1 + 3.0 + 1e-5
+
+
+def test_plot_velocity_profiles_writes_a_png(tmp_path):
+    profile = {"times": [1.0, 0.5], "rms": [1.0, 2.0], "max_abs": [3.0, 4.0]}
+    plot_velocity_profiles({"kac": profile, "vp": profile}, tmp_path / "v.png", kac_c=3.0)
+    assert (tmp_path / "v.png").read_bytes()[:8] == PNG_MAGIC
+    with pytest.raises(DistillKacError, match="profiles"):
+        plot_velocity_profiles({}, tmp_path / "w.png")
