@@ -91,6 +91,22 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
+def check_output_dir(path: str | os.PathLike, option: str) -> Path:
+    """Refuse (one line, naming ``option``) a directory that cannot be created or written: ``path`` is
+    a file, or its nearest existing ancestor is a file or not writable. Creates nothing."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DistillKacError(f"{option}: {path} exists and is not a directory")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise DistillKacError(f"{option}: cannot create {path}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DistillKacError(f"{option}: cannot write to {existing} (permission denied)")
+    return path
+
+
 # --------------------------------------------------------------------------------------- artefacts
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -227,6 +243,25 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
                                   f"{list(state[name].shape)}, the network needs {list(tensor.shape)}")
 
 
+def remove_stale_temporaries(directory: str | os.PathLike) -> list[str]:
+    """Delete what writers killed mid-write left in ``directory``: ``.NAME.*.tmp`` files and directories
+    (atomic_write_bytes, save_artifact, the lock) and artefacts moved aside (``.NAME.old-PID``).
+
+    Only call it while holding the directory's RunLock: another live writer's temporaries look the same.
+    Returns the names removed.
+    """
+    removed = []
+    for entry in sorted(Path(directory).iterdir()):
+        name = entry.name
+        if name.startswith(".") and (name.endswith(".tmp") or ".old-" in name):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(name)
+    return removed
+
+
 # ---------------------------------------------------------------------------------- training state
 
 def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
@@ -293,14 +328,20 @@ class RunLock:
             self.held = False
 
     def _try_create(self) -> bool:
+        """Write pid and host to a temporary file, then hard-link it to ``.lock`` (fails if it exists):
+        the lock appears complete or not at all, so a crash never leaves an empty, unreadable lock."""
+        record = json.dumps({"pid": os.getpid(), "hostname": socket.gethostname()}).encode("ascii")
+        handle, temp = tempfile.mkstemp(prefix=f"{LOCK_FILE}.", suffix=".tmp", dir=self.path.parent)
         try:
-            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
+            with os.fdopen(handle, "wb") as file:
+                file.write(record)
+                file.flush()
+                os.fsync(file.fileno())
+            os.link(temp, self.path)
+        except (FileExistsError, FileNotFoundError):  # held, or our temporary was swept by the holder
             return False
-        with os.fdopen(fd, "w") as file:
-            json.dump({"pid": os.getpid(), "hostname": socket.gethostname()}, file)
-            file.flush()
-            os.fsync(file.fileno())
+        finally:
+            Path(temp).unlink(missing_ok=True)
         return True
 
     def _holder(self) -> dict[str, Any] | None:

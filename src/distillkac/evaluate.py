@@ -426,16 +426,17 @@ def read_results(out: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def append_result(out: str | os.PathLike, row: dict[str, Any]) -> None:
-    """Append one JSON line to ``out/results.jsonl`` and fsync (after a torn line, on a fresh line)."""
+    """Append one JSON line to ``out/results.jsonl`` and fsync; a torn last line (an append cut short)
+    is cut off first."""
     file = Path(out) / RESULTS_FILE
     file.parent.mkdir(parents=True, exist_ok=True)
-    with open(file, "a+b") as handle:
+    file.touch()
+    with open(file, "r+b") as handle:
+        content = handle.read()
+        if content and not content.endswith(b"\n"):
+            handle.truncate(content.rfind(b"\n") + 1)
         handle.seek(0, os.SEEK_END)
-        prefix = b""
-        if handle.tell() > 0:
-            handle.seek(-1, os.SEEK_END)
-            prefix = b"" if handle.read(1) == b"\n" else b"\n"
-        handle.write(prefix + (json.dumps(row, sort_keys=False) + "\n").encode("utf-8"))
+        handle.write((json.dumps(row) + "\n").encode("utf-8"))
         handle.flush()
         os.fsync(handle.fileno())
 
@@ -453,7 +454,8 @@ def _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_
     if not solvers or unknown:
         raise DistillKacError(f"--solver: unknown solver {unknown[0] if unknown else None!r}; choose from "
                               f"{', '.join(SOLVERS)}")
-    if not guidances or any(not math.isfinite(float(w)) for w in guidances):
+    if not guidances or any(isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w)
+                            for w in guidances):
         raise DistillKacError(f"--guidance: need finite numbers, got {list(guidances)}")
     minimum = 2 if metric != "toy2d" else 1
     if isinstance(num, bool) or not isinstance(num, int) or num < minimum:
@@ -485,12 +487,15 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], steps: Sequence[int], sol
     with a ``"skipped"`` reason (never written to the file). Every input problem is found before any
     sample is drawn.
     """
-    steps, solvers, guidances = list(steps), list(solvers), [float(w) for w in guidances]
     _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_size, seed)
+    steps, solvers = list(dict.fromkeys(steps)), list(dict.fromkeys(solvers))
+    guidances = list(dict.fromkeys(float(w) for w in guidances))
     if group is None:
         group, device = process_group_from_environment(str(device))
-    else:
-        device = torch.device(device)
+    elif isinstance(device, str):
+        from distillkac.metrics import resolve_device
+
+        device = resolve_device(device)
     context = MetricContext(metric, ref=ref, inception_weights=inception_weights, batch_size=batch_size,
                             device=device, progress=progress and group.is_main)
     directories = [artifact_dir(c) for c in checkpoints]

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import pickle
+import sys
 import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -100,6 +101,8 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     try:
         with os.fdopen(handle, "wb") as out:
             out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -247,6 +250,9 @@ class MomentAccumulator:
             raise ValueError(f"features must be [B, D], got {list(rows.shape)}")
         if rows.shape[0] == 0:
             return
+        if self._shift is not None and self._shift.device != rows.device:  # restored on another device
+            self._shift, self._sum, self._outer = (t.to(rows.device) for t in (self._shift, self._sum,
+                                                                               self._outer))
         if self._shift is None:
             self._shift = rows.mean(dim=0)
             self._sum = torch.zeros_like(self._shift)
@@ -255,6 +261,22 @@ class MomentAccumulator:
         self._sum += centred.sum(dim=0)
         self._outer += centred.T @ centred
         self.count += rows.shape[0]
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """The exact float64 sums (for a progress file); ``from_state_arrays`` restores them bit for bit."""
+        if self._shift is None:
+            return {"count": np.asarray(0, dtype=np.int64)}
+        return {"count": np.asarray(self.count, dtype=np.int64), "shift": self._shift.cpu().numpy(),
+                "sum": self._sum.cpu().numpy(), "outer": self._outer.cpu().numpy()}
+
+    @classmethod
+    def from_state_arrays(cls, arrays: dict[str, np.ndarray]) -> MomentAccumulator:
+        accumulator = cls()
+        accumulator.count = int(arrays["count"])
+        if accumulator.count:
+            accumulator._shift, accumulator._sum, accumulator._outer = (
+                torch.from_numpy(np.array(arrays[key], dtype=np.float64)) for key in ("shift", "sum", "outer"))
+        return accumulator
 
     def stats(self) -> GaussianStats:
         if self.count < 2:
@@ -364,12 +386,21 @@ def reference_meta(dataset_description: dict[str, Any], split: str, count: int, 
             "weights_sha256": weights_id, **extra}
 
 
+PROGRESS_FORMAT = "distillkac-fid-reference-progress"
+
+
 def compute_reference(dataset, split: str, extractor: InceptionFeatures, batch_size: int | None = None,
-                      limit: int | None = None, seed: int = 0, progress: bool = True) -> Reference:
+                      limit: int | None = None, seed: int = 0, progress: bool = True,
+                      progress_file: str | os.PathLike | None = None, save_every: int = 20) -> Reference:
     """Reference statistics of ``dataset`` (a distillkac.data dataset of images), unflipped.
 
     With ``limit`` a subset of ``limit`` images is used, chosen by a permutation from a generator
     seeded with ``seed`` (sorted, so the order of the files does not matter).
+
+    With ``progress_file`` the exact float64 moment sums are written there (atomically) every
+    ``save_every`` batches, and a progress file left by an interrupted call with the same dataset,
+    images, batch size and Inception weights is continued from: the result equals an uninterrupted
+    call bit for bit. The caller deletes the file once the statistics are saved.
     """
     if len(dataset.data_shape) != 3:
         raise DistillKacError(f"--dataset: FID statistics need images, got data of shape "
@@ -382,13 +413,51 @@ def compute_reference(dataset, split: str, extractor: InceptionFeatures, batch_s
             generator = torch.Generator().manual_seed(seed)
             indices = torch.randperm(len(dataset), generator=generator)[:limit].sort().values
     step = batch_size or extractor.batch_size
-    batches = (to_uint8(dataset.get_batch(indices[i:i + step])[0]) for i in range(0, len(indices), step))
-    stats = feature_stats(batches, extractor, progress=progress, total=len(indices),
-                          desc=f"reference {split}")
+    starts = range(0, len(indices), step)
+    fingerprint = {"format": PROGRESS_FORMAT, "dataset": dataset.describe(), "split": split,
+                   "indices_sha256": hashlib.sha256(indices.numpy().astype("<i8").tobytes()).hexdigest(),
+                   "batch_size": int(step), "weights_sha256": extractor.weights_id}
+    accumulator, done = MomentAccumulator(), 0
+    if progress_file is not None:
+        accumulator, done = _resume_moments(Path(progress_file), fingerprint)
+    with tqdm(total=len(indices), initial=min(done * step, len(indices)), desc=f"reference {split}",
+              unit="img", disable=not progress) as bar:
+        for number, start in enumerate(starts[done:], start=done + 1):
+            batch = to_uint8(dataset.get_batch(indices[start:start + step])[0])
+            accumulator.update(extractor(batch))
+            bar.update(int(batch.shape[0]))
+            if progress_file is not None and number % save_every == 0 and number < len(starts):
+                _save_moments(Path(progress_file), accumulator, number, fingerprint)
+    stats = accumulator.stats()
     subset = {"subset": {"limit": int(limit), "seed": int(seed)}} if len(indices) < len(dataset) else {}
     meta = reference_meta(dataset.describe(), split, stats.count, dataset.data_shape, extractor.weights_id,
                           **subset)
     return Reference(stats, meta)
+
+
+def _save_moments(file: Path, accumulator: MomentAccumulator, batches_done: int,
+                  fingerprint: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, batches_done=np.asarray(batches_done, dtype=np.int64),
+             fingerprint=np.array(json.dumps(fingerprint, sort_keys=True)), **accumulator.state_arrays())
+    _atomic_write_bytes(file, buffer.getvalue())
+
+
+def _resume_moments(file: Path, fingerprint: dict[str, Any]) -> tuple[MomentAccumulator, int]:
+    """(accumulator, batches done) from a progress file of the same job; a fresh start (with a note on
+    stderr) when there is none, or it belongs to other settings, or it cannot be read."""
+    if not file.is_file():
+        return MomentAccumulator(), 0
+    try:
+        arrays = read_npz(file, ("batches_done", "fingerprint", "count"), "progress file")
+        same = json.loads(str(arrays["fingerprint"])) == json.loads(json.dumps(fingerprint, sort_keys=True))
+        if same and int(arrays["count"]) > 0:
+            arrays.update(read_npz(file, ("shift", "sum", "outer"), "progress file"))
+            return MomentAccumulator.from_state_arrays(arrays), int(arrays["batches_done"])
+    except (DistillKacError, ValueError):
+        pass
+    tqdm.write(f"distillkac: {file} belongs to other settings or is unreadable; starting over", file=sys.stderr)
+    return MomentAccumulator(), 0
 
 
 def save_reference(path: str | os.PathLike, stats: GaussianStats, meta: dict[str, Any]) -> dict[str, Any]:

@@ -41,10 +41,13 @@ from torch import nn
 
 from distillkac.checkpoint import (
     RunLock,
+    artifact_sha256,
     atomic_write_bytes,
     atomic_write_json,
     load_training_state,
     portable_state_dict,
+    read_artifact_meta,
+    remove_stale_temporaries,
     save_artifact,
     save_training_state,
 )
@@ -239,13 +242,22 @@ class RunLog:
                 file.write(json.dumps(row) + "\n")
 
     def truncate_stats(self, step: int) -> None:
-        """Drop stats rows after ``step`` (written after the last checkpoint of an interrupted run)."""
+        """Drop stats rows after ``step`` (written after the last checkpoint of an interrupted run) and
+        a row torn by a kill in the middle of its append."""
         path = self.run_dir / "stats.jsonl"
         if not self.enabled or not path.is_file():
             return
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if _row_step(line) <= step]
         atomic_write_bytes(path, "".join(f"{line}\n" for line in rows).encode("utf-8"))
+
+
+def _row_step(line: str) -> float:
+    """The step of a stats.jsonl row; infinity (always dropped) for a blank or torn line."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return math.inf
+    return row.get("step", 0) if isinstance(row, dict) and isinstance(row.get("step", 0), int) else math.inf
 
 
 def check_resume_config(stored: dict[str, Any], config: RunConfig, state_path: Path) -> None:
@@ -322,8 +334,15 @@ class _Trainer:
 
     # ----------------------------------------------------------------------------- resume & save
     def resume(self) -> None:
+        """Continue from ``training-state.pt`` if there is one (the caller holds the run lock).
+
+        A run killed at any moment is recovered here: rows and temporaries written after the last
+        complete checkpoint are dropped, and an artefact older than the training state (the kill came
+        between the two writes of a checkpoint) is rewritten from the state's EMA weights.
+        """
         state_path = self.run_dir / STATE_FILE
         if not state_path.is_file():
+            self._discard_unsaved_progress(0)
             return
         state = load_training_state(state_path)
         if state.get("format") != STATE_FORMAT:
@@ -334,23 +353,44 @@ class _Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = self.resumed_from = self.last_saved = int(state["step"])
         self.skipped = int(state["nonfinite_skipped"])
-        self.log.truncate_stats(self.step)
+        self._discard_unsaved_progress(self.step)
+        if self.dist.is_main and not self._artifact_matches_state():
+            self.save_artifact()
         self.log.info(f"resumed from {state_path} at step {self.step}")
 
-    def save(self) -> None:
-        """Artefact (EMA weights) and training state, both atomically; main process only."""
+    def _discard_unsaved_progress(self, step: int) -> None:
         if self.dist.is_main:
-            meta = {**self.objective.artifact_meta(), "train_step": self.step,
-                    "train_images": self.step * self.config.train.batch}
-            save_artifact(self.run_dir / ARTIFACT_DIR, self.ema, meta)
+            remove_stale_temporaries(self.run_dir)
+            self.log.truncate_stats(step)
+
+    def _artifact_matches_state(self) -> bool:
+        try:
+            meta = read_artifact_meta(self.run_dir / ARTIFACT_DIR)
+            artifact_sha256(self.run_dir / ARTIFACT_DIR)
+        except DistillKacError:
+            return False
+        return meta.get("train_step") == self.step
+
+    def save(self) -> None:
+        """Training state, then the artefact (EMA weights), each atomically; main process only.
+
+        In that order the artefact is never newer than the state, and ``resume`` can always rebuild it.
+        """
+        if self.dist.is_main:
             state = {"format": STATE_FORMAT, "version": 1, "step": self.step,
                      "nonfinite_skipped": self.skipped, "config": self.config.to_dict(),
                      "model": portable_state_dict(self.model), "ema": portable_state_dict(self.ema),
                      "optimizer": self.optimizer.state_dict()}
             save_training_state(self.run_dir / STATE_FILE, state)
+            self.save_artifact()
             self.log.info(f"checkpoint at step {self.step}")
         self.last_saved = self.step
         self.dist.barrier()
+
+    def save_artifact(self) -> None:
+        meta = {**self.objective.artifact_meta(), "train_step": self.step,
+                "train_images": self.step * self.config.train.batch}
+        save_artifact(self.run_dir / ARTIFACT_DIR, self.ema, meta)
 
     def write_config(self) -> None:
         if self.dist.is_main:

@@ -1,13 +1,22 @@
 """The ``distillkac`` command line: a thin layer over the library.
 
 Each sub-command lives in its own module with ``register(subparsers)`` (adds its parser and sets
-``func``). Errors that come from the user's input (``DistillKacError`` / ``ValueError`` /
-``FileNotFoundError``...) become one line on stderr and exit status 2, never a traceback.
+``func``). What the user can fix becomes ONE line on stderr, ``distillkac: error: ...``, never a
+traceback:
+
+* exit 2: usage errors: bad options or input files (``DistillKacError``), and operating-system errors
+  about the paths given (missing, not a directory, is a directory, no permission, read-only, exists);
+* exit 1: the environment failed the run: any other OS error (disk full, quota, I/O error, too many
+  open files...); the last complete checkpoint is kept and rerunning the command resumes;
+* exit 130: interrupted (Ctrl-C).
+
+Every other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import sys
 
@@ -35,15 +44,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: OS errors caused by the paths the user gave (exit 2); other OS errors exit 1.
+PATH_ERRNOS = frozenset({errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM, errno.EROFS,
+                         errno.EEXIST, errno.ENAMETOOLONG, errno.ELOOP})
+
+
+def _first_line(text: str, fallback: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[0] if lines else fallback
+
+
+def describe_os_error(err: OSError) -> str:
+    """``strerror: filename`` (``-> filename2`` for renames), else the error's own text, on one line."""
+    if err.strerror and err.filename is not None:
+        target = f" -> {err.filename2}" if err.filename2 is not None else ""
+        return f"{err.strerror}: {err.filename}{target}"
+    return _first_line(str(err), type(err).__name__)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (DistillKacError, ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"distillkac: error: {message}", file=sys.stderr)
+    except DistillKacError as err:
+        print(f"distillkac: error: {_first_line(str(err), type(err).__name__)}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if err.errno is None:
+            raise
+        if err.errno in PATH_ERRNOS:
+            print(f"distillkac: error: {describe_os_error(err)}", file=sys.stderr)
+            return 2
+        print(f"distillkac: error: {describe_os_error(err)}; the last complete checkpoint is kept, rerun "
+              f"the same command to resume", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("distillkac: interrupted; the last complete checkpoint is kept", file=sys.stderr)
         return 130

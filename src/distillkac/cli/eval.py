@@ -33,11 +33,11 @@ def register(subparsers) -> None:
                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--checkpoint", action="append", required=True,
                         help="model artefact or run directory (repeat for several models)")
-    parser.add_argument("--steps", type=_comma_list(int, "integers"), default=[100],
+    parser.add_argument("--steps", type=_comma_list(int, "integers"), default="100",
                         help="comma-separated solver step counts, e.g. 100,20,4,2,1 (teachers and baselines)")
-    parser.add_argument("--solver", type=_comma_list(str, "solver names"), default=["ab2"],
+    parser.add_argument("--solver", type=_comma_list(str, "solver names"), default="ab2",
                         help=f"comma-separated solvers from {', '.join(SOLVERS)}")
-    parser.add_argument("--guidance", type=_comma_list(float, "numbers"), default=[0.0],
+    parser.add_argument("--guidance", type=_comma_list(float, "numbers"), default="0",
                         help="comma-separated CFG weights w (u = (1+w) u(y) - w u(null))")
     parser.add_argument("--metric", required=True, help=f"one of {', '.join(METRICS)}")
     parser.add_argument("--num", type=int, required=True, help="samples per row (FID protocol: 50000)")

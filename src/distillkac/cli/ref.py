@@ -1,9 +1,15 @@
-"""``distillkac ref``: FID reference statistics (Inception pool3 mean and covariance) of a dataset split."""
+"""``distillkac ref``: FID reference statistics (Inception pool3 mean and covariance) of a dataset split.
+
+The exact moment sums are saved every ``--save-every`` batches to ``OUT.partial.npz``; rerunning the
+same command after an interruption continues from there (the result is the same, bit for bit), and the
+file is deleted once OUT is written.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from distillkac.cli.fid import WEIGHTS_HELP
 from distillkac.errors import DistillKacError
@@ -35,26 +41,44 @@ def register(subparsers) -> None:
     parser.add_argument("--limit", type=int, default=None,
                         help="use a random subset of this many images (chosen with --seed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
+    parser.add_argument("--save-every", type=int, default=20,
+                        help="batches between saves of the partial sums to OUT.partial.npz (resume)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
 
 
+def progress_path(out: str) -> Path:
+    """The side file holding the partial sums of an unfinished ``ref`` into ``out``."""
+    return Path(f"{out}.partial.npz")
+
+
 def run(args: argparse.Namespace) -> int:
+    from distillkac.checkpoint import check_output_dir
     from distillkac.data import DataConfig, load_dataset
     from distillkac.metrics import InceptionFeatures, compute_reference, save_reference
 
     if args.dataset != "folder" and (args.resolution is not None or args.channels is not None):
         raise DistillKacError(f"--resolution/--channels: only for --dataset folder; {args.dataset} images "
                               f"are used at their own size")
-    if args.batch < 1:
-        raise DistillKacError(f"--batch: must be a positive integer, got {args.batch}")
+    for option, value in (("--batch", args.batch), ("--save-every", args.save_every)):
+        if value < 1:
+            raise DistillKacError(f"{option}: must be a positive integer, got {value}")
+    if args.limit is not None and args.limit < 2:
+        raise DistillKacError(f"--limit: must be at least 2, got {args.limit}")
+    out = Path(args.out)
+    if out.is_dir():
+        raise DistillKacError(f"--out: {out} is a directory; give the .npz file to write")
+    check_output_dir(out.parent, "--out")
     config = DataConfig(name=args.dataset, path=args.data, resolution=args.resolution, channels=args.channels,
                         bad_files=args.bad_files, labels="none" if args.dataset == "folder" else "auto")
-    extractor = InceptionFeatures(args.inception_weights, args.device, args.batch)
     dataset = load_dataset(config, args.split)
+    extractor = InceptionFeatures(args.inception_weights, args.device, args.batch)
+    partial = progress_path(args.out)
     reference = compute_reference(dataset, args.split, extractor, limit=args.limit, seed=args.seed,
-                                  progress=not args.no_progress)
+                                  progress=not args.no_progress, progress_file=partial,
+                                  save_every=args.save_every)
     meta = save_reference(args.out, reference.stats, reference.meta)
+    partial.unlink(missing_ok=True)
     print(json.dumps({"out": args.out, "count": meta["count"], "split": meta["split"],
                       "resolution": meta["resolution"], "channels": meta["channels"],
                       "weights_sha256": meta["weights_sha256"], "stats_sha256": meta["stats_sha256"]}))

@@ -52,7 +52,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distillkac.checkpoint import load_artifact
+    from distillkac.checkpoint import check_output_dir, load_artifact
     from distillkac.sampling import artifact_dir, cycle_labels, resolve_device, sample_artifact, save_result
 
     if args.num < 1:
@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
         raise DistillKacError(f"--seed: must be >= 0, got {args.seed}")
     if args.steps is not None and args.steps < 1:
         raise DistillKacError(f"--steps: must be a positive integer, got {args.steps}")
+    if args.batch < 1:
+        raise DistillKacError(f"--batch: must be a positive integer, got {args.batch}")
+    check_output_dir(args.out, "--out")
     device = resolve_device(args.device)
     model, meta = load_artifact(artifact_dir(args.checkpoint), device=device)
     if args.classes and meta["num_classes"] == 0:

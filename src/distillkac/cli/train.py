@@ -11,7 +11,6 @@ import argparse
 import dataclasses
 import json
 import sys
-from pathlib import Path
 
 from distillkac.errors import DistillKacError
 from distillkac.paths import F_SCHEDULES, G_SCHEDULES, PATH_KINDS
@@ -131,10 +130,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(config.to_dict(), indent=2))
         print(f"parameters: {config_parameter_count(config.net):,}")
         return 0
-    outdir = Path(args.outdir)
-    if outdir.exists() and not outdir.is_dir():
-        raise DistillKacError(f"--outdir: {outdir} exists and is not a directory")
+    from distillkac.checkpoint import check_output_dir
     from distillkac.train import train_teacher
+
+    outdir = check_output_dir(args.outdir, "--outdir")
 
     result = train_teacher(config, outdir, progress=not args.no_progress)
     print(f"trained {result.step} steps (resumed from {result.resumed_from}); "
