@@ -1,0 +1,207 @@
+"""`distillkac demo` end to end on a tiny budget, its directory rules, and `distillkac reproduce`."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from distillkac.cli import main
+from distillkac.demo import BUDGETS, MARKER_FILE, OWN_ENTRIES, REPORT_JSON, REPORT_MD, prepare_outdir
+from distillkac.errors import DistillKacError
+from distillkac.reproduce import Plan, Step, build_plan, plan_summary, resolve_throughput, run_plan
+
+TINY = BUDGETS["tiny"]
+
+
+def _run_tiny(outdir: Path) -> float:
+    start = time.perf_counter()
+    assert main(["demo", "--outdir", str(outdir), "--budget", "tiny", "--jobs", "1"]) == 0
+    return time.perf_counter() - start
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The tiny demo run twice in one directory: (outdir, first report, first seconds, rerun seconds)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DISTILLKAC_CACHE", str(tmp_path_factory.mktemp("cache")))
+        outdir = tmp_path_factory.mktemp("demo") / "out"
+        first_seconds = _run_tiny(outdir)
+        first = json.loads((outdir / REPORT_JSON).read_text())
+        rerun_seconds = _run_tiny(outdir)
+    return outdir, first, first_seconds, rerun_seconds
+
+
+def _expected_rows() -> set[tuple[str, str, int]]:
+    """(model, solver, steps) of every row: teacher x2 solvers, baselines at every step count, students."""
+    rows = set()
+    for steps in TINY.plan:
+        rows |= {("kac-teacher", "ab2", steps), ("kac-teacher", "euler", steps), ("flow-baseline", "euler", steps),
+                 ("vp-baseline", "ddim", steps)}
+    rows |= {(f"stage-{steps}step", "euler", steps) for steps in TINY.plan[1:]}
+    return rows
+
+
+def test_report_has_every_row_with_sane_finite_metrics(demo):
+    _, report, _, _ = demo
+    rows = report["rows"]
+    assert {(r["model"], r["solver"], r["steps"]) for r in rows} == _expected_rows()
+    assert len(rows) == len(_expected_rows())
+    for row in rows:
+        values = row["values"]
+        assert 0.0 <= values["class_accuracy"] <= 1.0
+        for key, bound in (("fd_digits", 1e5), ("fd_pixels", 1e4)):
+            assert math.isfinite(values[key]) and 0.0 <= values[key] < bound, (key, row)
+        assert values["num_samples"] == TINY.eval_samples
+        expected_nfe = row["steps"] if row["kind"] == "student" else 2 * row["steps"]  # guidance w=1: 2 per step
+        assert row["nfe"] == expected_nfe
+
+
+def test_report_files_exist_and_findings_are_computed(demo):
+    outdir, report, _, _ = demo
+    text = (outdir / REPORT_MD).read_text()
+    pictures = re.findall(r"\]\(([^)]+\.png)\)", text)
+    assert set(report["files"]) <= set(pictures)
+    assert len(set(pictures)) == 4 + len(report["rows"])  # 4 plots + one grid per row
+    for picture in pictures:
+        assert (outdir / picture).is_file() and (outdir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    claims = report["findings"]
+    assert len(claims) == 1 + (len(TINY.plan) - 1) + 2  # degradation, one per student step count, velocity x2
+    for claim in claims:
+        assert isinstance(claim["holds"], bool) and re.search(r"\d\.\d{3}", claim["text"])
+        assert claim["text"] in text
+    student = next(r for r in report["rows"] if r["model"] == "stage-1step")
+    assert f"{student['values']['fd_digits']:.3f}" in claims[-3]["text"]
+    assert set(report["timings"]) >= {"train_teacher", "train_flow", "train_vp", "distill"}
+    assert report["environment"]["torch"] and report["date_utc"]
+    assert report["configs"]["teacher"]["train"]["steps"] == TINY.train_steps
+
+
+def test_rerun_reuses_every_part_with_the_same_numbers(demo):
+    outdir, first, first_seconds, rerun_seconds = demo
+    second = json.loads((outdir / REPORT_JSON).read_text())
+    assert all(timing["reused"] for timing in second["timings"].values())
+    assert [r["values"] for r in second["rows"]] == [r["values"] for r in first["rows"]]
+    assert rerun_seconds < first_seconds / 3, (rerun_seconds, first_seconds)
+
+
+def test_fresh_refuses_a_directory_that_is_not_a_demo(tmp_path, capsys):
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "thesis.tex").write_text("keep me")
+    assert main(["demo", "--outdir", str(target), "--budget", "tiny", "--fresh"]) == 2
+    message = capsys.readouterr().err.strip()
+    assert message.count("\n") == 0 and "not a distillkac demo directory" in message
+    assert (target / "thesis.tex").read_text() == "keep me" and len(list(target.iterdir())) == 1
+
+
+def test_fresh_deletes_only_the_demos_own_entries(tmp_path):
+    prepare_outdir(tmp_path / "demo", TINY, fresh=False)
+    outdir = tmp_path / "demo"
+    (outdir / "kac-teacher").mkdir()
+    (outdir / "kac-teacher" / "stats.jsonl").write_text("{}")
+    (outdir / REPORT_MD).write_text("old")
+    (outdir / "notes.txt").write_text("mine")
+    with pytest.raises(DistillKacError, match="'tiny' demo, not 'quick'"):
+        prepare_outdir(outdir, BUDGETS["quick"], fresh=False)
+    prepare_outdir(outdir, BUDGETS["quick"], fresh=True)
+    assert sorted(p.name for p in outdir.iterdir()) == [MARKER_FILE, "notes.txt"]
+    assert json.loads((outdir / MARKER_FILE).read_text())["budget"]["name"] == "quick"
+    assert MARKER_FILE in OWN_ENTRIES and "notes.txt" not in OWN_ENTRIES
+
+
+@pytest.mark.slow
+def test_quick_demo_within_its_budget(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILLKAC_CACHE", str(tmp_path / "cache"))
+    start = time.perf_counter()
+    assert main(["demo", "--outdir", str(tmp_path / "quick"), "--quick"]) == 0
+    assert time.perf_counter() - start < 240
+    report = json.loads((tmp_path / "quick" / REPORT_JSON).read_text())
+    assert len(report["rows"]) == 4 * 5 + 4
+
+
+# ------------------------------------------------------------------------------------------ reproduce
+
+@pytest.mark.parametrize("dataset", ["cifar10", "celeba64", "lsun-bedroom256"])
+def test_reproduce_dry_run_prints_the_whole_plan_and_writes_nothing(dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DISTILLKAC_INCEPTION_WEIGHTS", raising=False)
+    before = sorted(tmp_path.rglob("*"))
+    argv = ["reproduce", dataset, "--data", str(tmp_path / "data"), "--outdir", str(tmp_path / "out"),
+            "--inception-weights", str(tmp_path / "w.pth"), "--dry-run", "--benchmarks", str(tmp_path / "none")]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    commands = [line.strip()[2:] for line in out.splitlines() if line.strip().startswith("$ ")]
+    names = [command.split()[1] for command in commands]
+    assert names == ["ref", "train", "eval"] + ["distill", "eval"] * 4
+    assert [c.split("--stage ")[1] for c in commands if " distill " in f" {c} "] == ["1", "2", "3", "4"]
+    assert all("--metric fid --num 50000" in c for c in commands if c.split()[1] == "eval")
+    assert f"--preset {dataset}" in commands[1]
+    estimates = [float(x.replace(",", "")) for x in re.findall(r"estimate ([\d,.]+) GPU-hours", out)]
+    assert len(estimates) == 11 and all(e >= 0 for e in estimates)
+    total = float(re.search(r"total: ([\d,.]+) GPU-hours", out).group(1).replace(",", ""))
+    assert total == pytest.approx(sum(estimates), abs=0.1)
+    assert out.count("ASSUMED") == 3
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_reproduce_estimates_follow_the_given_throughput(tmp_path):
+    from distillkac.presets import get_preset
+
+    plan = build_plan("cifar10", "data", tmp_path / "out", "w.pth")
+    throughput = resolve_throughput("cifar10", {"train": 1000.0, "sample": 2000.0, "inception": 500.0},
+                                    tmp_path / "none")
+    summary = plan_summary(plan, throughput, gpus=4)
+    train = get_preset("cifar10").train
+    step = next(s for s in summary["steps"] if s["name"] == "train")
+    assert step["gpu_hours"] == pytest.approx(train.steps * train.batch / 1000.0 / 3600)
+    assert step["command"][:4] == ["torchrun", "--nproc_per_node=4", "-m", "distillkac"]
+    teacher_eval = next(s for s in summary["steps"] if s["name"] == "eval teacher")
+    assert teacher_eval["gpu_hours"] == pytest.approx((50_000 * 200 / 2000.0 + 50_000 / 500.0) / 3600)
+    assert summary["steps"][0]["command"][0] == "distillkac"  # ref: one process
+
+
+def test_reproduce_uses_measured_cuda_benchmarks_scaled_by_flops(tmp_path):
+    from distillkac.nets import REFERENCE_CONFIGS
+    from distillkac.reproduce import FORWARD_GFLOP
+
+    bench = tmp_path / "results"
+    bench.mkdir()
+    network = REFERENCE_CONFIGS["cifar10"].to_dict()
+    record = {"benchmark": "train_throughput_cuda", "settings": {"network": network},
+              "results": {"rows": [{"images_per_s": 1500.0}, {"images_per_s": 2500.0}]}}
+    (bench / "train_throughput_cuda.json").write_text(json.dumps(record))
+    cifar = resolve_throughput("cifar10", {}, bench)
+    assert cifar.values["train"] == 2500.0 and cifar.sources["train"].startswith("measured")
+    assert cifar.sources["sample"].startswith("ASSUMED")
+    celeba = resolve_throughput("celeba64", {}, bench)
+    assert celeba.values["train"] == pytest.approx(2500.0 * FORWARD_GFLOP["cifar10"] / FORWARD_GFLOP["celeba64"])
+
+
+def test_reproduce_needs_data_and_weights(tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("DISTILLKAC_INCEPTION_WEIGHTS", raising=False)
+    assert main(["reproduce", "cifar10", "--outdir", str(tmp_path / "o"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--data" in err
+    assert main(["reproduce", "cifar10", "--data", "d", "--outdir", str(tmp_path / "o"), "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--inception-weights" in err
+    assert main(["reproduce", "cifar10", "--data", str(tmp_path / "missing"), "--outdir", str(tmp_path / "o"),
+                 "--inception-weights", "w.pth"]) == 2
+    assert "--data" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_run_plan_skips_finished_steps_and_stops_at_a_failure(tmp_path):
+    finished = Step("done", ["train", "--help"], {}, "", lambda: True)
+    failing = Step("broken", ["train", "--preset", "toy2d", "--outdir", str(tmp_path / "r"), "--steps", "-1"], {},
+                   "", lambda: False)
+    never = Step("after", ["train", "--help"], {}, "", lambda: pytest.fail("must not be reached"))
+    lines: list[str] = []
+    assert run_plan(Plan("cifar10", [finished], 0.0), gpus=1, echo=lines.append) == [
+        {"step": "done", "skipped": True}]
+    with pytest.raises(DistillKacError, match=r"step 2 \(broken\) failed with exit code 2"):
+        run_plan(Plan("cifar10", [finished, failing, never], 0.0), gpus=1, echo=lines.append)
+    assert "skipped" in lines[0] and "$ distillkac train --preset toy2d" in lines[-1]
