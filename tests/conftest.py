@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from distillkac.cli import main
 from distillkac.data import DataConfig
 from distillkac.nets import MLPConfig, UNetConfig
 from distillkac.presets import OptimConfig, PathConfig, RunConfig, TrainConfig
@@ -41,3 +42,13 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """``(exit code, stdout, stderr)`` of ``distillkac ARGV`` run in this process."""
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err

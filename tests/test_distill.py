@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from distillkac.cli import main
 from distillkac.data import DataConfig, load_dataset, toy_mixture
 from distillkac.distill import (
     DISTILL_PRESETS,
+    Distillation,
     DistillSettings,
     EndpointObjective,
     Stage,
@@ -40,6 +42,8 @@ from distillkac.solvers import solve, time_grid
 
 KAC = KacPath(KacProcess(9.0, 3.0))
 TOY_PLAN = "20,4,2,1"
+
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 # ------------------------------------------------------------------------------------------ the plan
@@ -236,17 +240,8 @@ def _toy_args(teacher: Path, outdir: Path, *extra: str, steps: int = 150) -> lis
             "--ckpt-every", str(steps), "--sample-every", str(steps), "--no-progress", *extra]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks on a shared 2-core machine: extra threads only spin."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def toy_teacher(tmp_path_factory, one_thread) -> Path:
+def toy_teacher(tmp_path_factory, single_thread) -> Path:
     from distillkac.train import train_teacher
 
     config = make_toy_config(steps=800, batch=128, micro_batch=128, hidden=64, depth=2, log_every=100,
@@ -389,6 +384,31 @@ def test_cli_refuses_bad_plans_and_missing_teachers(toy_teacher, tmp_path, capsy
     err = _one_line_error(capsys, _toy_args(toy_teacher, tmp_path / "o", "--stage", "7"))
     assert "--stage: must be 1..3" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_an_unusable_outdir_fails_early_naming_the_option(toy_teacher, tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("keep")
+    err = _one_line_error(capsys, _toy_args(toy_teacher, blocker))
+    assert f"--outdir: {blocker} exists and is not a directory" in err
+    err = _one_line_error(capsys, _toy_args(toy_teacher, blocker / "out"))
+    assert f"--outdir: cannot create {blocker / 'out'}: {blocker} is a file, not a directory" in err
+    with pytest.raises(DistillKacError, match="^--outdir: "):
+        Distillation(toy_teacher, blocker, DistillSettings(plan=(20, 4)))
+    assert blocker.read_text() == "keep"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="needs POSIX permissions, not root")
+def test_a_read_only_outdir_parent_fails_early(toy_teacher, tmp_path, capsys):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        err = _one_line_error(capsys, _toy_args(toy_teacher, read_only / "out"))
+    finally:
+        read_only.chmod(0o755)
+    assert f"--outdir: cannot write to {read_only} (permission denied)" in err
+    assert not (read_only / "out").exists()
 
 
 def test_a_finished_stage_is_not_skipped_under_other_settings(toy_teacher, toy_distill, capsys):

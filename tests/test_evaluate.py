@@ -6,6 +6,7 @@ import itertools
 import json
 import math
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 from conftest import tiny_unet_config
 
+import distillkac.evaluate as evaluate_module
 from distillkac.checkpoint import save_artifact
 from distillkac.cli import main
 from distillkac.data import DataConfig, toy_mixture
@@ -22,6 +24,7 @@ from distillkac.errors import DistillKacError
 from distillkac.evaluate import (
     MetricContext,
     Moments,
+    PartialRow,
     Setting,
     append_result,
     evaluate,
@@ -336,6 +339,7 @@ def test_fid_needs_a_reference_of_the_same_resolution(toy_models, tmp_path, monk
     ({"--metric": "fid"}, "--ref: the fid metric needs reference statistics"),
     ({"--metric": "digits"}, "--metric digits:"),
     ({"--num": "0"}, "--num: the toy2d metric needs at least 1 samples"),
+    ({"--save-every": "0"}, "--save-every: must be a positive number of batches, got 0"),
     ({"--checkpoint": "/nonexistent/model"}, "checkpoint: /nonexistent/model is not a directory"),
 ])
 def test_cli_errors_are_one_line_with_exit_2(toy_models, tmp_path, capsys, change, message):
@@ -351,6 +355,157 @@ def test_cli_errors_are_one_line_with_exit_2(toy_models, tmp_path, capsys, chang
     assert code == 2
     assert err.startswith("distillkac: error: ") and err.count("\n") == 1 and message in err
     assert not (tmp_path / "eval" / "results.jsonl").exists()
+
+
+# ------------------------------------------------------------------------------ resume inside a row
+
+class CountingSampler:
+    """``evaluate.sample_artifact`` recording the seeds of every batch it generates; with ``stop_at``,
+    batch number ``stop_at`` raises KeyboardInterrupt instead (a run killed partway through a row)."""
+
+    def __init__(self, stop_at: int | None = None) -> None:
+        self.stop_at = stop_at
+        self.seeds: list[list[int]] = []
+
+    def __call__(self, *args, **kwargs):
+        if self.stop_at is not None and len(self.seeds) + 1 == self.stop_at:
+            raise KeyboardInterrupt
+        self.seeds.append(list(kwargs["seeds"]))
+        return sample_artifact(*args, **kwargs)
+
+
+def _run(monkeypatch, sampler: CountingSampler, *args, **kwargs) -> list[dict]:
+    monkeypatch.setattr(evaluate_module, "sample_artifact", sampler)
+    return evaluate(*args, **kwargs)
+
+
+def _side_files(out: Path) -> list[Path]:
+    return sorted(out.glob(".partial-*"))
+
+
+def _chunks(values: range, size: int) -> list[list[int]]:
+    values = list(values)
+    return [values[i:i + size] for i in range(0, len(values), size)]
+
+
+TOY_ROW = dict(num=24, seed=3, batch_size=4, device="cpu", progress=False, save_every=2)
+
+
+def _toy_row(toy_models, monkeypatch, out: Path, sampler: CountingSampler) -> list[dict]:
+    args = ([toy_models["teacher"]], [3], ["euler"], [1.0], "toy2d")
+    return _run(monkeypatch, sampler, *args, out=out, **TOY_ROW)
+
+
+@pytest.mark.parametrize("stop_at, saved", [(5, 4), (4, 2)])
+def test_toy2d_row_continues_from_its_side_file(toy_models, tmp_path, monkeypatch, capsys, stop_at, saved):
+    """24 images in 6 batches of 4, saved every 2 batches; killed at batch ``stop_at``: the rerun makes
+    only the batches after the last save and gives the uninterrupted row's values exactly."""
+    (reference,) = _toy_row(toy_models, monkeypatch, tmp_path / "whole", whole := CountingSampler())
+    assert whole.seeds == _chunks(range(3, 27), 4)
+    out = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        _toy_row(toy_models, monkeypatch, out, CountingSampler(stop_at=stop_at))
+    assert not (out / "results.jsonl").exists() and not (out / ".lock").exists()
+    (side,) = _side_files(out)
+    assert re.fullmatch(r"\.partial-[0-9a-f]{64}-rank0of1\.npz", side.name)
+    side_bytes = side.read_bytes()
+    with np.load(side, allow_pickle=False) as arrays:
+        assert int(arrays["done"]) == 4 * saved and arrays["samples"].shape == (4 * saved, 2)
+        assert arrays["labels"].tolist() == [i % 16 for i in range(4 * saved)]
+    capsys.readouterr()
+    (row,) = _toy_row(toy_models, monkeypatch, out, rest := CountingSampler())
+    assert rest.seeds == _chunks(range(3 + 4 * saved, 27), 4)  # only the missing batches
+    assert f"{4 * saved} of this process's 24 images are done" in capsys.readouterr().err
+    assert row["value"] == reference["value"] and row["values"] == reference["values"]
+    assert _side_files(out) == [] and read_results(out) == [row]
+    # A side file left behind (stopped between the append and the clean-up) goes when the row is found.
+    side.write_bytes(side_bytes)
+    (again,) = _toy_row(toy_models, monkeypatch, out, none := CountingSampler())
+    assert again["resumed"] and none.seeds == [] and _side_files(out) == []
+
+
+def test_fid_row_continues_from_its_side_file(tmp_path, monkeypatch):
+    """FID with the pixel stand-in: 10 images in batches [4, 4, 2], saved after every batch, killed at
+    the third: the rerun streams only images 8 and 9 and gives the uninterrupted FID exactly."""
+    import distillkac.metrics as metrics
+
+    monkeypatch.delenv("DISTILLKAC_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr(metrics, "InceptionFeatures", PixelFeatures)
+    save_artifact(tmp_path / "unet", _perturbed(_tiny_unet(), scale=0.05), {"kind": "teacher", "path": KAC})
+    real = torch.rand((40, 1, 8, 8), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    reference_stats = metrics.GaussianStats.from_features(metrics.to_uint8(real).flatten(1).double())
+    meta = {"dataset": {"name": "noise"}, "split": "train", "resolution": [8, 8], "channels": 1,
+            "weights_sha256": "torch-fidelity-default"}
+    metrics.save_reference(tmp_path / "ref.npz", reference_stats, meta)
+    args = ([tmp_path / "unet"], [2], ["heun"], [1.5], "fid", 10)
+    kwargs = dict(ref=tmp_path / "ref.npz", batch_size=4, device="cpu", progress=False, save_every=1)
+    (whole,) = _run(monkeypatch, CountingSampler(), *args, out=tmp_path / "whole", **kwargs)
+    out = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        _run(monkeypatch, CountingSampler(stop_at=3), *args, out=out, **kwargs)
+    (side,) = _side_files(out)
+    with np.load(side, allow_pickle=False) as arrays:
+        assert int(arrays["done"]) == 8 and int(arrays["count"]) == 8 and arrays["scatter"].shape == (64, 64)
+    monkeypatch.setattr(PixelFeatures, "batch_sizes", [])
+    (row,) = _run(monkeypatch, rest := CountingSampler(), *args, out=out, **kwargs)
+    assert rest.seeds == [[8, 9]] and PixelFeatures.batch_sizes == [2]
+    assert row["label"] == "FID-10" and row["values"]["num_images"] == 10
+    assert row["value"] == whole["value"]
+    assert _side_files(out) == [] and read_results(out) == [row]
+
+
+@pytest.mark.parametrize("change", [{"seed": 4}, {"num": 25}, {"key": "another row"}, {"world_size": 2},
+                                    {"done": 28}, {"labels": np.zeros(3, dtype=np.int64)}, "not an npz"])
+def test_a_side_file_of_other_settings_is_ignored(toy_models, tmp_path, monkeypatch, capsys, change):
+    out = tmp_path / "first"
+    with pytest.raises(KeyboardInterrupt):
+        _toy_row(toy_models, monkeypatch, out, CountingSampler(stop_at=5))
+    (side,) = _side_files(out)
+    with np.load(side, allow_pickle=False) as loaded:
+        arrays = dict(loaded)
+    other = tmp_path / "other"
+    other.mkdir()
+    if isinstance(change, str):
+        (other / side.name).write_text(change)
+    else:
+        np.savez(other / side.name, **{**arrays, **change})
+    capsys.readouterr()
+    (row,) = _toy_row(toy_models, monkeypatch, other, whole := CountingSampler())
+    assert "belongs to other settings or is unreadable; ignoring it" in capsys.readouterr().err
+    assert whole.seeds == _chunks(range(3, 27), 4)  # the row starts over
+    (reference,) = _toy_row(toy_models, monkeypatch, tmp_path / "whole", CountingSampler())
+    assert row["value"] == reference["value"] and _side_files(other) == []
+
+
+def test_a_rank_continues_its_own_shard(toy_models, tmp_path, monkeypatch):
+    """Rank 1 of 3 with 11 images makes images 1, 4, 7, 10; killed after its first batch of 2, it
+    continues with images 7 and 10 and returns the uninterrupted shard exactly."""
+    from distillkac.checkpoint import load_artifact
+
+    model, meta = load_artifact(toy_models["teacher"])
+    context = MetricContext("toy2d", ref=None, inception_weights=None, batch_size=2,
+                            device=torch.device("cpu"), progress=False)
+    partial = PartialRow(tmp_path / "side.npz", "row", num=11, seed=3, rank=1, world_size=3)
+    kwargs = dict(num=11, seed=3, rank=1, world_size=3, batch_size=2, device=torch.device("cpu"))
+    whole = evaluate_shard(model, meta, Setting(3, "euler", 1.0), context, **kwargs)
+    monkeypatch.setattr(evaluate_module, "sample_artifact", CountingSampler(stop_at=2))
+    with pytest.raises(KeyboardInterrupt):
+        evaluate_shard(model, meta, Setting(3, "euler", 1.0), context, partial=partial, save_every=1, **kwargs)
+    monkeypatch.setattr(evaluate_module, "sample_artifact", rest := CountingSampler())
+    part = evaluate_shard(model, meta, Setting(3, "euler", 1.0), context, partial=partial, save_every=1,
+                          **kwargs)
+    assert rest.seeds == [[10, 13]]
+    assert torch.equal(part["samples"], whole["samples"]) and torch.equal(part["labels"], whole["labels"])
+    assert part["labels"].tolist() == [1, 4, 7, 10]
+
+
+def test_out_is_checked_before_anything_is_sampled(toy_models, tmp_path, monkeypatch):
+    (tmp_path / "file").write_text("")
+    for out, message in [(tmp_path / "file", "exists and is not a directory"),
+                         (tmp_path / "file" / "eval", "is a file, not a directory")]:
+        with pytest.raises(DistillKacError, match=f"^--out: .*{message}"):
+            _toy_row(toy_models, monkeypatch, out, sampler := CountingSampler())
+        assert sampler.seeds == []
 
 
 # ------------------------------------------------------------------------------------ diagnostics

@@ -49,13 +49,7 @@ SANITY_RANGES = {
 }
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread (and do not stall when other processes share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def make_inputs(model: UNet | MLP, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:

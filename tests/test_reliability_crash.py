@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_toy_config
+from conftest import make_toy_config, run_cli
 
 from distillkac import checkpoint
 from distillkac.checkpoint import load_artifact, load_training_state
@@ -162,15 +162,6 @@ def test_sigkill_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_p
     _assert_same_tensors(model.state_dict(), load_training_state(run_dir / "training-state.pt")["ema"])
 
 
-def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def _toy_args(outdir: Path, steps: int) -> list[str]:
     return _train_args(outdir, steps, ckpt_every=2)
 
@@ -181,25 +172,25 @@ def test_resume_repairs_what_a_kill_leaves_behind(tmp_path, capsys):
     """A torn stats row, temporaries of killed writers, an artefact moved aside mid-swap (missing) or
     older than the training state: resume cleans up and ends exactly like an uninterrupted run."""
     straight, run = tmp_path / "straight", tmp_path / "run"
-    assert _run_cli(_toy_args(straight, 6), capsys)[0] == 0
-    assert _run_cli(_toy_args(run, 2), capsys)[0] == 0
+    assert run_cli(_toy_args(straight, 6), capsys)[0] == 0
+    assert run_cli(_toy_args(run, 2), capsys)[0] == 0
     old_artifact = run / ".artifact.old-99999"
     os.replace(run / "artifact", old_artifact)  # killed between the two renames of save_artifact
     (run / ".training-state.pt.x1y2.tmp").write_bytes(b"half a checkpoint")
     with open(run / "stats.jsonl", "a") as file:
         file.write('{"step": 3, "images": 48, "lo')  # killed inside an append
-    assert _run_cli(_toy_args(run, 4), capsys)[0] == 0
+    assert run_cli(_toy_args(run, 4), capsys)[0] == 0
     assert not old_artifact.exists() and not (run / ".training-state.pt.x1y2.tmp").exists()
     # A kill between the training state and the artefact of checkpoint 4: the artefact says step 2.
     stale = tmp_path / "stale-artifact"
     checkpoint.save_artifact(stale, load_artifact(run / "artifact")[0], {"kind": "teacher", "train_step": 2})
     os.replace(run / "artifact", tmp_path / "discarded")
     os.replace(stale, run / "artifact")
-    assert _run_cli(_toy_args(run, 4), capsys)[0] == 0  # nothing to train, the artefact is rebuilt
+    assert run_cli(_toy_args(run, 4), capsys)[0] == 0  # nothing to train, the artefact is rebuilt
     model, meta = load_artifact(run / "artifact")
     assert meta["train_step"] == 4 and meta["path"]["kind"] == "kac"
     _assert_same_tensors(model.state_dict(), load_training_state(run / "training-state.pt")["ema"])
-    assert _run_cli(_toy_args(run, 6), capsys)[0] == 0
+    assert run_cli(_toy_args(run, 6), capsys)[0] == 0
     _assert_same_training(run, straight)
     assert _losses(run) == _losses(straight)
 
@@ -238,7 +229,7 @@ class _DiskFillsUp:
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to tell which file is written")
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys, monkeypatch):
     run = tmp_path / "run"
-    assert _run_cli(_toy_args(run, 2), capsys)[0] == 0
+    assert run_cli(_toy_args(run, 2), capsys)[0] == 0
     before = (run / "training-state.pt").read_bytes()
     real_fdopen = os.fdopen
 
@@ -247,7 +238,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys, 
         return _DiskFillsUp(file) if "training-state.pt" in os.readlink(f"/proc/self/fd/{fd}") else file
 
     monkeypatch.setattr(checkpoint.os, "fdopen", fdopen)
-    code, _, err = _run_cli(_toy_args(run, 4), capsys)
+    code, _, err = run_cli(_toy_args(run, 4), capsys)
     monkeypatch.undo()
     assert code == 1
     assert err.startswith(f"distillkac: error: No space left on device: {run / 'training-state.pt'};")
@@ -257,7 +248,7 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(tmp_path, capsys, 
     assert load_artifact(run / "artifact")[1]["train_step"] == 2
     assert sorted(p.name for p in run.iterdir()) == ["artifact", "config.json", "log.txt", "samples",
                                                      "stats.jsonl", "training-state.pt"]
-    assert _run_cli(_toy_args(run, 4), capsys)[0] == 0
+    assert run_cli(_toy_args(run, 4), capsys)[0] == 0
     assert load_training_state(run / "training-state.pt")["step"] == 4
 
 
@@ -290,7 +281,7 @@ class _Exploit:
 
 def test_a_malicious_training_state_is_not_executed_by_train_resume(tmp_path, capsys):
     run, marker = tmp_path / "run", tmp_path / "pwned"
-    assert _run_cli(_toy_args(run, 2), capsys)[0] == 0
+    assert run_cli(_toy_args(run, 2), capsys)[0] == 0
     state = load_training_state(run / "training-state.pt")
     torch.save({**state, "payload": _Exploit(marker)}, run / "training-state.pt")
     crafted = (run / "training-state.pt").read_bytes()

@@ -9,27 +9,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_toy_config
+from conftest import make_toy_config, run_cli
 from PIL import Image
 
 import distillkac.metrics
 import distillkac.train
 from distillkac.checkpoint import load_training_state
-from distillkac.cli import main
 from distillkac.cli.ref import progress_path
 from distillkac.metrics import inception_weights_id, load_reference, resolve_inception_weights
 from distillkac.train import train_teacher
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def _same_tensors(a, b) -> bool:
@@ -54,7 +44,7 @@ def _distill_args(teacher: Path, outdir: Path) -> list[str]:
 def test_distill_interrupted_mid_stage_resumes_to_the_uninterrupted_student(tmp_path, capsys, monkeypatch):
     teacher = tmp_path / "teacher"
     train_teacher(make_toy_config(steps=4), teacher, progress=False)
-    assert _run_cli(_distill_args(teacher, tmp_path / "whole"), capsys)[0] == 0
+    assert run_cli(_distill_args(teacher, tmp_path / "whole"), capsys)[0] == 0
 
     original = distillkac.train._Trainer.after_step
 
@@ -64,12 +54,12 @@ def test_distill_interrupted_mid_stage_resumes_to_the_uninterrupted_student(tmp_
             raise KeyboardInterrupt
 
     monkeypatch.setattr(distillkac.train._Trainer, "after_step", interrupted_after_step)
-    code, _, err = _run_cli(_distill_args(teacher, tmp_path / "parts"), capsys)
+    code, _, err = run_cli(_distill_args(teacher, tmp_path / "parts"), capsys)
     assert code == 130 and err.strip().splitlines()[-1].startswith("distillkac: interrupted")
     stage = tmp_path / "parts" / "stage-2step"
     assert load_training_state(stage / "training-state.pt")["step"] == 3 and not (stage / ".lock").exists()
     monkeypatch.undo()
-    assert _run_cli(_distill_args(teacher, tmp_path / "parts"), capsys)[0] == 0
+    assert run_cli(_distill_args(teacher, tmp_path / "parts"), capsys)[0] == 0
     whole = load_training_state(tmp_path / "whole" / "stage-2step" / "training-state.pt")
     parts = load_training_state(stage / "training-state.pt")
     assert whole["step"] == parts["step"] == 6
@@ -129,13 +119,13 @@ def ref_inputs(tmp_path, monkeypatch):
 
 def test_ref_interrupted_resumes_from_its_partial_sums(tmp_path, capsys, ref_inputs):
     straight, resumed = tmp_path / "straight.npz", tmp_path / "resumed.npz"
-    assert _run_cli(ref_inputs(straight), capsys)[0] == 0
+    assert run_cli(ref_inputs(straight), capsys)[0] == 0
     assert _CountingFeatures.calls == 7  # 14 images in batches of 2
     _CountingFeatures.calls, _CountingFeatures.stop_at = 0, 6
-    assert _run_cli(ref_inputs(resumed), capsys)[0] == 130
+    assert run_cli(ref_inputs(resumed), capsys)[0] == 130
     assert not resumed.exists() and progress_path(str(resumed)).is_file()  # sums of batches 1-4
     _CountingFeatures.calls, _CountingFeatures.stop_at = 0, None
-    code, out, _ = _run_cli(ref_inputs(resumed), capsys)
+    code, out, _ = run_cli(ref_inputs(resumed), capsys)
     assert code == 0 and _CountingFeatures.calls == 3  # only batches 5, 6 and 7 were computed again
     assert not progress_path(str(resumed)).exists()
     a, b = load_reference(straight), load_reference(resumed)
@@ -145,10 +135,10 @@ def test_ref_interrupted_resumes_from_its_partial_sums(tmp_path, capsys, ref_inp
 
 def test_ref_progress_of_other_settings_is_not_reused(tmp_path, capsys, ref_inputs):
     straight, resumed = tmp_path / "straight.npz", tmp_path / "resumed.npz"
-    assert _run_cli(ref_inputs(straight, batch=3), capsys)[0] == 0
+    assert run_cli(ref_inputs(straight, batch=3), capsys)[0] == 0
     _CountingFeatures.calls, _CountingFeatures.stop_at = 0, 4
-    assert _run_cli(ref_inputs(resumed, batch=2), capsys)[0] == 130
+    assert run_cli(ref_inputs(resumed, batch=2), capsys)[0] == 130
     _CountingFeatures.calls, _CountingFeatures.stop_at = 0, None
-    code, _, err = _run_cli(ref_inputs(resumed, batch=3), capsys)
+    code, _, err = run_cli(ref_inputs(resumed, batch=3), capsys)
     assert code == 0 and _CountingFeatures.calls == 5 and "starting over" in err
     assert np.array_equal(load_reference(straight).stats.sigma, load_reference(resumed).stats.sigma)

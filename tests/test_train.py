@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_toy_config
+from conftest import make_toy_config, run_cli
 
 from distillkac.checkpoint import load_artifact, load_training_state
-from distillkac.cli import main
 from distillkac.data import load_dataset, toy_mixture
 from distillkac.errors import DistillKacError
 from distillkac.nets import REFERENCE_CONFIGS, build_network, config_parameter_count, count_parameters
@@ -275,17 +274,8 @@ def test_micro_batches_must_be_shared_evenly_by_the_processes(tmp_path, monkeypa
 
 # ----------------------------------------------------------------------------------------- the CLI
 
-def _run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        code = main(argv)
-    except SystemExit as exit_:
-        code = exit_.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 def test_dry_run_prints_config_and_parameter_count_and_writes_nothing(tmp_path, capsys):
-    code, out, _ = _run_cli(["train", "--preset", "digits", "--outdir", str(tmp_path / "run"), "--dry-run",
+    code, out, _ = run_cli(["train", "--preset", "digits", "--outdir", str(tmp_path / "run"), "--dry-run",
                              "--steps", "7", "--lr", "1e-3"], capsys)
     assert code == 0
     text, count_line = out.rsplit("parameters:", 1)
@@ -304,13 +294,13 @@ def test_dry_run_prints_config_and_parameter_count_and_writes_nothing(tmp_path, 
     (["--preset", "digits", "--label-dropout", "1.5"], "train.label_dropout"),
 ])
 def test_bad_train_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
-    code, _, err = _run_cli(["train", "--outdir", str(tmp_path / "run"), *argv], capsys)
+    code, _, err = run_cli(["train", "--outdir", str(tmp_path / "run"), *argv], capsys)
     assert code == 2
     assert err.startswith("distillkac: error:") and message in err and err.count("\n") == 1
     assert not (tmp_path / "run").exists()
 
 
 def test_help_shows_defaults(capsys):
-    code, out, _ = _run_cli(["train", "--help"], capsys)
+    code, out, _ = run_cli(["train", "--help"], capsys)
     assert code == 0
     assert "(default: the preset's value)" in out and "digits=800" in out.replace("\n", " ").replace("  ", "")

@@ -164,6 +164,14 @@ class InMemoryDataset(Dataset):
         }
 
 
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] -> uint8 0..255, the inverse of ``get_batch``'s scaling (round to nearest,
+    clamp); uint8 passes through."""
+    if images.dtype == torch.uint8:
+        return images
+    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
 def load_dataset(cfg: DataConfig, split: str = "train") -> InMemoryDataset:
     """Load the ``split`` ("train" or "test") of the dataset that ``cfg`` names."""
     _check_config(cfg, split)

@@ -7,9 +7,10 @@ count with the digits metrics (the code of ``distillkac eval``), records the vel
 trajectories, and writes ``DIR/report.md`` and ``DIR/report.json``. Every number comes from the run.
 
 Each part is a run directory that resumes or is skipped on a rerun (``demo-part.json`` records when it
-finished, how long it took and the weights it used). Parts run in up to ``jobs`` worker processes with
-``threads`` torch threads each: on a 2-core machine two single-thread processes (teacher + distillation
-in one, the baselines in the other) beat one process with two threads (the report records a measurement).
+finished, how long it took and the weights it used). Parts run in up to ``jobs`` spawned worker processes
+with ``threads`` torch threads each, every part as soon as the parts it needs are done, the critical path
+(teacher -> distillation) first: on 2 cores two single-thread processes beat one process with two threads
+(the report records a measurement taken at the start of the run).
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ conditional targets on real data (``analytic_velocity_profile``, no network), an
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from collections.abc import Sequence
@@ -19,7 +18,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from distillkac.checkpoint import atomic_write_bytes
 from distillkac.errors import DistillKacError
 from distillkac.rng import GeneratorLike
 from distillkac.sampling import generate
@@ -96,11 +94,9 @@ def plot_velocity_profiles(profiles: dict[str, Profile], path: str | os.PathLike
     With ``kac_c`` the Kac speed ``c`` is drawn as a dashed line: the bound on ``|v|`` per coordinate
     (the full Kac velocity adds ``|f'(t)|·|x0|`` to it).
     """
-    import matplotlib
+    from distillkac.plotting import agg_pyplot, save_figure_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot()
     if not profiles:
         raise DistillKacError("profiles: nothing to plot (need at least one named profile)")
     figure, axes = plt.subplots(1, 2, figsize=(10, 4), dpi=100, sharex=True)
@@ -116,7 +112,4 @@ def plot_velocity_profiles(profiles: dict[str, Profile], path: str | os.PathLike
         axis.grid(True, which="both", alpha=0.3)
     axes[1].legend(fontsize=8)
     figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure_png(figure, path)

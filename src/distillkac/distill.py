@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
 import math
 import os
@@ -34,7 +33,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from distillkac.checkpoint import atomic_write_bytes, atomic_write_json, load_artifact, read_artifact_meta
+from distillkac.checkpoint import atomic_write_json, check_output_dir, load_artifact, read_artifact_meta
 from distillkac.data import DataConfig
 from distillkac.errors import DistillKacError
 from distillkac.guidance import check_guidance, guided_velocity
@@ -460,11 +459,9 @@ class _StudentPath:
 def plot_closeness(curves: dict[str, dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> None:
     """One PNG (matplotlib, Agg) with the RMS-distance curve of every entry of ``curves`` (label -> result
     of :func:`path_closeness`), the student grid times marked."""
-    import matplotlib
+    from distillkac.plotting import agg_pyplot, save_figure_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot()
     figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
     for label, curve in curves.items():
         line, = axes.plot(curve["times"], curve["rms"], label=f"{label} (max {curve['max']:.3g})")
@@ -478,10 +475,7 @@ def plot_closeness(curves: dict[str, dict[str, Any]], path: str | os.PathLike, t
     axes.legend(fontsize=8)
     if title:
         axes.set_title(title, fontsize=9)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure_png(figure, path, tight=True)
 
 
 # --------------------------------------------------------------------------------- teacher sources
@@ -607,23 +601,16 @@ SKIPPABLE_FIELDS = ("device", "precision", "compile", "channels_last")
 def check_finished_stage(stage_dir: Path, config) -> None:
     """Refuse to skip a finished stage whose stored config differs from ``config`` in anything that
     defines its student (the training loop's length, logging and hardware settings may differ)."""
-    from distillkac.presets import RESUMABLE_TRAIN_FIELDS, config_differences
+    from distillkac.presets import RESUMABLE_TRAIN_FIELDS, first_difference
 
     stored = json.loads((stage_dir / "config.json").read_text(encoding="utf-8"))
     stored.pop("environment", None)
     ignored = {f"train.{name}" for name in (*RESUMABLE_TRAIN_FIELDS, *SKIPPABLE_FIELDS)}
-    current = config.to_dict()
-    for name in config_differences(stored, current):
-        if name not in ignored:
-            old, new = _lookup(stored, name), _lookup(current, name)
-            raise DistillKacError(f"{stage_dir}: this finished stage was distilled with {name} = {old!r}, "
-                                  f"now {new!r}; use the same settings or another --outdir")
-
-
-def _lookup(values: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        values = values.get(part) if isinstance(values, dict) else None
-    return values
+    difference = first_difference(stored, config.to_dict(), ignored)
+    if difference is not None:
+        name, old, new = difference
+        raise DistillKacError(f"{stage_dir}: this finished stage was distilled with {name} = {old!r}, "
+                              f"now {new!r}; use the same settings or another --outdir")
 
 
 def stage_finished(stage_dir: Path, steps: int) -> bool:
@@ -668,7 +655,7 @@ class Distillation:
     def __init__(self, teacher: str | os.PathLike, outdir: str | os.PathLike, settings: DistillSettings,
                  data: str | None = None) -> None:
         self.source = resolve_teacher(teacher)
-        self.outdir = Path(outdir)
+        self.outdir = check_output_dir(outdir, "--outdir")
         self.settings = settings.validate()
         meta = self.source.meta
         teacher_steps = int(meta["steps"]) if meta.get("kind") == "student" else None
@@ -778,7 +765,7 @@ class Distillation:
         a stats.jsonl row (computed once per finished training; reused when the stage is skipped)."""
         from distillkac.paths import build_path
         from distillkac.sampling import cycle_labels
-        from distillkac.train import autocast_for
+        from distillkac.train import RunLog, autocast_for
 
         stage_dir = self.stage_dir(stage)
         stored = stage_dir / CLOSENESS_FILE
@@ -800,8 +787,7 @@ class Distillation:
                              f"{stage.student_steps}-step student")
         row = {"step": meta.get("train_step"), "closeness_max": result["max"], "closeness_final": result["final"],
                "closeness_samples": count}
-        with open(stage_dir / "stats.jsonl", "a", encoding="utf-8") as file:
-            file.write(json.dumps(row) + "\n")
+        RunLog(stage_dir, enabled=True, echo=_echo).stats(row)
         return result
 
     def write_summary(self) -> None:

@@ -14,28 +14,39 @@ skips the rows already there); ``render_table`` and ``plot_metric_vs_nfe`` turn 
 * **Several processes** (``torchrun``): image ``i`` goes to rank ``i mod world_size``
   (``shard_indices``). For FID every rank streams its images into feature moments (count, mean,
   centred scatter) and rank 0 merges them exactly (``Moments.merge``); for the small-data metrics the
-  samples are gathered and put back in seed order. Only rank 0 writes files.
+  samples are gathered and put back in seed order. Only rank 0 writes results (each rank writes its own
+  side file, below).
 * **FID** never holds the images as floats: each generated batch is converted to uint8, goes through
   the Inception network and is folded into float64 moments before the next batch is drawn.
+* **Resume inside a row**: with ``out``, every ``save_every`` batches each rank writes what it has so
+  far (FID: its feature moments; digits/toy2d: its samples and labels) and how many images of its shard
+  are done to ``OUT/.partial-<sha256 of the row key>-rank<r>of<w>.npz`` (atomically). A rerun continues
+  from the next image; as image ``i`` depends only on its seed, the row is the one an uninterrupted run
+  gives (bit for bit with the same ``batch_size``: the same batches go through the same operations).
+  The side files are deleted once the row is in ``results.jsonl``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import io
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from distillkac.checkpoint import RunLock, load_artifact, read_artifact_meta
+from distillkac.checkpoint import RunLock, atomic_write_bytes, check_output_dir, load_artifact, read_artifact_meta
 from distillkac.errors import DistillKacError
 from distillkac.sampling import SampleResult, artifact_dir, sample_artifact
 from distillkac.solvers import EVALUATIONS_PER_STEP, SOLVERS
@@ -48,6 +59,8 @@ TABLE_FILE = "table.md"
 PLOT_FILE = "metric_vs_nfe.png"
 DIGITS_SHAPE = [1, 8, 8]
 TOY2D_SHAPE = [2]
+DEFAULT_SAVE_EVERY = 20
+"""Batches between two side-file saves of a row being computed."""
 
 
 # ------------------------------------------------------------------------------------------- settings
@@ -288,26 +301,11 @@ class MetricContext:
             self._extractor = InceptionFeatures(self.weights_path, self.device, self.batch_size)
         return self._extractor
 
-    def shard(self, batches: Iterator[SampleResult], total: int) -> dict[str, Any]:
-        """This process's part: feature moments (FID) or the samples and their labels."""
+    def new_part(self) -> RowPart:
+        """An empty part of a row for this process (what ``finish`` merges)."""
         if self.metric == "fid":
-            from distillkac.metrics import to_uint8
-
-            parts = []
-            with tqdm(total=total, desc="Inception features", unit="img", disable=not self.progress) as bar:
-                for result in batches:
-                    parts.append(Moments.from_features(self.extractor(to_uint8(result.samples))))
-                    bar.update(result.samples.shape[0])
-            if not parts:
-                return {"moments": None}
-            return {"moments": Moments.merge(parts).to("cpu")}
-        samples, labels = [], []
-        for result in batches:
-            samples.append(result.samples.cpu())
-            labels.append(result.labels.cpu())
-        if not samples:
-            return {"samples": None, "labels": None}
-        return {"samples": torch.cat(samples), "labels": torch.cat(labels)}
+            return MomentsPart(self)
+        return SamplesPart()
 
     def finish(self, parts: Sequence[dict[str, Any]], shards: Sequence[range], num_classes: int
                ) -> dict[str, Any]:
@@ -362,16 +360,154 @@ def assemble_in_seed_order(parts: Sequence[dict[str, Any]], shards: Sequence[ran
     return samples, labels
 
 
+# ---------------------------------------------------------------------------- row parts and side files
+
+class MomentsPart:
+    """FID: the feature moments of this process's images so far, folded in batch by batch on the
+    metric's device (so a resumed row goes through the same float64 operations as an uninterrupted one)."""
+
+    keys = ("count", "mean", "scatter")
+
+    def __init__(self, context: MetricContext) -> None:
+        self.context = context
+        self.moments: Moments | None = None
+
+    def add(self, result: SampleResult) -> None:
+        from distillkac.metrics import to_uint8
+
+        features = self.context.extractor(to_uint8(result.samples))
+        batch = Moments.from_features(features).to(self.context.device)
+        self.moments = batch if self.moments is None else Moments.merge([self.moments, batch])
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"count": np.asarray(self.moments.count, dtype=np.int64), "mean": self.moments.mean.cpu().numpy(),
+                "scatter": self.moments.scatter.cpu().numpy()}
+
+    def restore(self, arrays: dict[str, np.ndarray], done: int) -> bool:
+        """Take the moments of ``done`` images from a side file; False (nothing taken) if they do not fit."""
+        mean, scatter = arrays["mean"], arrays["scatter"]
+        if (int(arrays["count"]) != done or mean.dtype != np.float64 or scatter.dtype != np.float64
+                or mean.ndim != 1 or scatter.shape != (mean.shape[0], mean.shape[0])):
+            return False
+        self.moments = Moments(done, torch.from_numpy(mean), torch.from_numpy(scatter)).to(self.context.device)
+        return True
+
+    def result(self) -> dict[str, Any]:
+        return {"moments": None if self.moments is None else self.moments.to("cpu")}
+
+
+class SamplesPart:
+    """digits / toy2d: this process's samples and labels so far (on the CPU, in shard order)."""
+
+    keys = ("samples", "labels")
+
+    def __init__(self) -> None:
+        self.samples: list[torch.Tensor] = []
+        self.labels: list[torch.Tensor] = []
+
+    def add(self, result: SampleResult) -> None:
+        self.samples.append(result.samples.cpu())
+        self.labels.append(result.labels.cpu())
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        self.samples, self.labels = [torch.cat(self.samples)], [torch.cat(self.labels)]
+        return {"samples": self.samples[0].numpy(), "labels": self.labels[0].numpy()}
+
+    def restore(self, arrays: dict[str, np.ndarray], done: int) -> bool:
+        """Take ``done`` samples and labels from a side file; False (nothing taken) if they do not fit."""
+        samples, labels = arrays["samples"], arrays["labels"]
+        if (samples.ndim < 2 or samples.shape[0] != done or samples.dtype.kind != "f" or labels.shape != (done,)
+                or labels.dtype != np.int64):
+            return False
+        self.samples, self.labels = [torch.from_numpy(samples)], [torch.from_numpy(labels)]
+        return True
+
+    def result(self) -> dict[str, Any]:
+        if not self.samples:
+            return {"samples": None, "labels": None}
+        return {"samples": torch.cat(self.samples), "labels": torch.cat(self.labels)}
+
+
+RowPart = MomentsPart | SamplesPart
+PARTIAL_PREFIX = ".partial-"
+
+
+def _note(message: str) -> None:
+    tqdm.write(f"distillkac: {message}", file=sys.stderr)
+
+
+@dataclass(frozen=True)
+class PartialRow:
+    """The side file of one process's part of a row being computed: its part so far and how many images
+    of its shard are done, with the row key, num, seed, rank and world size it belongs to."""
+
+    path: Path
+    key: str
+    num: int
+    seed: int
+    rank: int
+    world_size: int
+
+    @classmethod
+    def of(cls, out: str | os.PathLike, record: dict[str, Any], group: ProcessGroup) -> PartialRow:
+        key = json.dumps(list(_row_key(record)))
+        name = f"{_partial_stem(key)}-rank{group.rank}of{group.world_size}.npz"
+        return cls(Path(out) / name, key, int(record["num"]), int(record["seed"]), group.rank, group.world_size)
+
+    def _identity(self) -> tuple:
+        return self.key, self.num, self.seed, self.rank, self.world_size
+
+    def save(self, part: RowPart, done: int) -> None:
+        buffer = io.BytesIO()
+        np.savez(buffer, key=np.array(self.key), num=np.asarray(self.num, dtype=np.int64),
+                 seed=np.asarray(self.seed, dtype=np.int64), rank=np.asarray(self.rank, dtype=np.int64),
+                 world_size=np.asarray(self.world_size, dtype=np.int64), done=np.asarray(done, dtype=np.int64),
+                 **part.arrays())
+        atomic_write_bytes(self.path, buffer.getvalue())
+
+    def restore(self, part: RowPart, shard_size: int) -> int:
+        """The images of this shard already done, put into ``part`` from the side file: 0 when there is
+        none, or (with a note on stderr) when it belongs to other settings or cannot be read."""
+        if not self.path.is_file():
+            return 0
+        from distillkac.metrics import read_npz
+
+        try:
+            arrays = read_npz(self.path, ("key", "num", "seed", "rank", "world_size", "done", *part.keys),
+                              f"side file {self.path}")
+            identity = (str(arrays["key"]), int(arrays["num"]), int(arrays["seed"]), int(arrays["rank"]),
+                        int(arrays["world_size"]))
+            done = int(arrays["done"])
+            if identity == self._identity() and 0 < done <= shard_size and part.restore(arrays, done):
+                _note(f"resuming from {self.path}: {done} of this process's {shard_size} images are done")
+                return done
+        except (DistillKacError, TypeError, ValueError):
+            pass
+        _note(f"{self.path} belongs to other settings or is unreadable; ignoring it (the row starts over)")
+        return 0
+
+    def remove(self, every_rank: bool) -> None:
+        """Delete this side file (``every_rank``: also those of the row's other ranks and world sizes)."""
+        self.path.unlink(missing_ok=True)
+        if every_rank:
+            for path in self.path.parent.glob(f"{_partial_stem(self.key)}-rank*.npz"):
+                path.unlink(missing_ok=True)
+
+
+def _partial_stem(key: str) -> str:
+    return PARTIAL_PREFIX + hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
 # -------------------------------------------------------------------------------------- sampling
 
 def sample_batches(model: nn.Module, meta: dict[str, Any], setting: Setting, *, indices: range, seed: int,
-                   batch_size: int, device: torch.device, desc: str, progress: bool
+                   batch_size: int, device: torch.device, desc: str, progress: bool, done: int = 0
                    ) -> Iterator[SampleResult]:
-    """Generate images ``indices`` (seed ``seed + i``, label ``i mod num_classes``) batch by batch."""
+    """Generate images ``indices[done:]`` (seed ``seed + i``, label ``i mod num_classes``) batch by batch."""
     num_classes = int(meta["num_classes"])
     is_student = meta.get("kind") == "student"
-    with tqdm(total=len(indices), desc=desc, unit="img", disable=not progress) as bar:
-        for start in range(0, len(indices), batch_size):
+    with tqdm(total=len(indices), initial=done, desc=desc, unit="img", disable=not progress) as bar:
+        for start in range(done, len(indices), batch_size):
             chunk = indices[start:start + batch_size]
             labels = None if num_classes == 0 else torch.tensor([i % num_classes for i in chunk])
             result = sample_artifact((model, meta), seeds=[seed + i for i in chunk], labels=labels,
@@ -388,12 +524,25 @@ def sample_batches(model: nn.Module, meta: dict[str, Any], setting: Setting, *, 
 
 def evaluate_shard(model: nn.Module, meta: dict[str, Any], setting: Setting, context: MetricContext, *,
                    num: int, seed: int, rank: int, world_size: int, batch_size: int, device: torch.device,
-                   desc: str = "sampling") -> dict[str, Any]:
-    """What process ``rank`` of ``world_size`` contributes to one row (see ``MetricContext.shard``)."""
+                   desc: str = "sampling", partial: PartialRow | None = None,
+                   save_every: int = DEFAULT_SAVE_EVERY) -> dict[str, Any]:
+    """What process ``rank`` of ``world_size`` contributes to one row: ``{"moments": Moments}`` (FID) or
+    ``{"samples", "labels"}`` (in shard order); ``None`` values for an empty shard.
+
+    With ``partial``, the images its side file holds are not generated again, and the part so far is
+    saved there every ``save_every`` batches.
+    """
     indices = shard_indices(num, rank, world_size)
+    part = context.new_part()
+    done = partial.restore(part, len(indices)) if partial is not None else 0
     batches = sample_batches(model, meta, setting, indices=indices, seed=seed, batch_size=batch_size,
-                             device=device, desc=desc, progress=context.progress)
-    return context.shard(batches, len(indices))
+                             device=device, desc=desc, progress=context.progress, done=done)
+    for number, result in enumerate(batches, start=1):
+        part.add(result)
+        done += result.samples.shape[0]
+        if partial is not None and number % save_every == 0:
+            partial.save(part, done)
+    return part.result()
 
 
 # -------------------------------------------------------------------------------------- results
@@ -443,7 +592,8 @@ def append_result(out: str | os.PathLike, row: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------- evaluation
 
-def _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_size, seed) -> None:
+def _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_size, seed, save_every
+                     ) -> None:
     if not checkpoints:
         raise DistillKacError("--checkpoint: give at least one model artefact")
     if metric not in METRICS:
@@ -464,6 +614,8 @@ def _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_
         raise DistillKacError(f"--batch: must be a positive integer, got {batch_size}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise DistillKacError(f"--seed: must be an integer >= 0, got {seed}")
+    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
+        raise DistillKacError(f"--save-every: must be a positive number of batches, got {save_every}")
 
 
 def _model_names(directories: Sequence[Path], metas: Sequence[dict[str, Any]]) -> list[str]:
@@ -477,17 +629,20 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], steps: Sequence[int], sol
              guidances: Sequence[float], metric: str, num: int, *, ref: str | os.PathLike | None = None,
              inception_weights: str | None = None, batch_size: int = 256, seed: int = 0,
              device: str | torch.device = "auto", out: str | os.PathLike | None = None, progress: bool = True,
-             group: ProcessGroup | None = None) -> list[dict[str, Any]]:
+             group: ProcessGroup | None = None, save_every: int = DEFAULT_SAVE_EVERY) -> list[dict[str, Any]]:
     """Evaluate every model at every planned setting; return one row per setting plus skip entries.
 
     Rows already in ``out/results.jsonl`` (same model sha256, steps, solver, guidance, metric, num,
     seed and reference statistics) are not recomputed: they come back from the file, marked
     ``"resumed": True``; new rows are appended
-    there as soon as each is done (rank 0). Requested settings a model cannot use come back as entries
-    with a ``"skipped"`` reason (never written to the file). Every input problem is found before any
-    sample is drawn.
+    there as soon as each is done (rank 0). A row being computed is saved every ``save_every`` batches
+    to a side file in ``out`` (one per rank), from which a rerun continues it. Requested settings a
+    model cannot use come back as entries with a ``"skipped"`` reason (never written to the file).
+    Every input problem is found before any sample is drawn.
     """
-    _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_size, seed)
+    _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_size, seed, save_every)
+    if out is not None:
+        check_output_dir(out, "--out")
     steps, solvers = list(dict.fromkeys(steps)), list(dict.fromkeys(solvers))
     guidances = list(dict.fromkeys(float(w) for w in guidances))
     if group is None:
@@ -515,12 +670,19 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], steps: Sequence[int], sol
                 record = _row_base(name, checkpoint, meta, setting, metric, num, seed, context)
                 if _row_key(record) in done:
                     rows.append({**done[_row_key(record)], "resumed": True})
+                    if out is not None:  # left by a run stopped between the append and the clean-up
+                        PartialRow.of(out, record, group).remove(every_rank=group.is_main)
                     continue
                 if model is None:
                     model, meta = load_artifact(directory, device=device)
-                row = _evaluate_row(model, meta, setting, context, record, group, device, batch_size)
-                if out is not None and group.is_main:
-                    append_result(out, row)
+                partial = PartialRow.of(out, record, group) if out is not None else None
+                row = _evaluate_row(model, meta, setting, context, record, group, device, batch_size,
+                                    partial, save_every)
+                if partial is not None:
+                    if group.is_main:
+                        append_result(out, row)
+                    group.barrier()  # the row is in results.jsonl before any rank drops its side file
+                    partial.remove(every_rank=group.is_main)
                 rows.append(row)
     return rows
 
@@ -546,12 +708,12 @@ def _skip_entry(name: str, meta: dict[str, Any], setting: Setting, metric: str,
 
 
 def _evaluate_row(model: nn.Module, meta: dict[str, Any], setting: Setting, context: MetricContext,
-                  record: dict[str, Any], group: ProcessGroup, device: torch.device,
-                  batch_size: int) -> dict[str, Any]:
+                  record: dict[str, Any], group: ProcessGroup, device: torch.device, batch_size: int,
+                  partial: PartialRow | None, save_every: int) -> dict[str, Any]:
     num, started = record["num"], time.perf_counter()
     part = evaluate_shard(model, meta, setting, context, num=num, seed=record["seed"], rank=group.rank,
                           world_size=group.world_size, batch_size=batch_size, device=device,
-                          desc=f"{record['model']} {setting.describe()}")
+                          desc=f"{record['model']} {setting.describe()}", partial=partial, save_every=save_every)
     parts = group.gather(part)
     shards = [shard_indices(num, rank, group.world_size) for rank in range(group.world_size)]
     values = context.finish(parts, shards, int(meta["num_classes"]))

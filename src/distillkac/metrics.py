@@ -25,7 +25,6 @@ import json
 import os
 import pickle
 import sys
-import tempfile
 import zipfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -42,6 +41,8 @@ from safetensors.torch import save as save_safetensors
 from torch import nn
 from tqdm import tqdm
 
+from distillkac.checkpoint import atomic_write_bytes, sha256_file
+from distillkac.data import to_uint8
 from distillkac.errors import DistillKacError
 
 WEIGHTS_ENV = "DISTILLKAC_INCEPTION_WEIGHTS"
@@ -62,11 +63,6 @@ _WEIGHTS_HINT = ("pass --inception-weights PATH or set DISTILLKAC_INCEPTION_WEIG
 
 # ------------------------------------------------------------------------------------- small helpers
 
-def to_uint8(x: torch.Tensor) -> torch.Tensor:
-    """Images float in [-1, 1] -> uint8 in 0..255 (round to nearest, clamp)."""
-    return ((x + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 def fid_label(num_images: int) -> str:
     """The name of an FID computed on ``num_images`` samples: "FID-50k", "FID-5k", "FID-1234"."""
     if num_images >= 1000 and num_images % 1000 == 0:
@@ -85,28 +81,6 @@ def resolve_device(device: str) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise DistillKacError(f"--device: {device} was asked for but CUDA is not available; use auto or cpu")
     return resolved
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # ----------------------------------------------------------------------------- Inception features
@@ -440,7 +414,7 @@ def _save_moments(file: Path, accumulator: MomentAccumulator, batches_done: int,
     buffer = io.BytesIO()
     np.savez(buffer, batches_done=np.asarray(batches_done, dtype=np.int64),
              fingerprint=np.array(json.dumps(fingerprint, sort_keys=True)), **accumulator.state_arrays())
-    _atomic_write_bytes(file, buffer.getvalue())
+    atomic_write_bytes(file, buffer.getvalue())
 
 
 def _resume_moments(file: Path, fingerprint: dict[str, Any]) -> tuple[MomentAccumulator, int]:
@@ -472,7 +446,7 @@ def save_reference(path: str | os.PathLike, stats: GaussianStats, meta: dict[str
     np.savez(buffer, mu=np.asarray(stats.mu, dtype=np.float64),
              sigma=np.asarray(stats.sigma, dtype=np.float64),
              meta=np.array(json.dumps(full_meta, sort_keys=True)))
-    _atomic_write_bytes(Path(path), buffer.getvalue())
+    atomic_write_bytes(Path(path), buffer.getvalue())
     return full_meta
 
 
@@ -685,10 +659,10 @@ class DigitsClassifier(nn.Module):
             model = _train_digits_classifier(train, seed)
         model.test_accuracy = _accuracy(model, test)
         weights = save_safetensors(model.state_dict())
-        _atomic_write_bytes(weights_file, weights)
+        atomic_write_bytes(weights_file, weights)
         sidecar = {**settings, "test_accuracy": model.test_accuracy, "test_count": len(test),
                    "weights_sha256": hashlib.sha256(weights).hexdigest()}
-        _atomic_write_bytes(sidecar_file, json.dumps(sidecar, indent=2, sort_keys=True).encode())
+        atomic_write_bytes(sidecar_file, json.dumps(sidecar, indent=2, sort_keys=True).encode())
         return model
 
 

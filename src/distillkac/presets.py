@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
 from distillkac.data import DataConfig
 from distillkac.errors import DistillKacError
+from distillkac.fields import dataclass_from_dict
 from distillkac.nets import REFERENCE_CONFIGS, MLPConfig, NetworkConfig, UNetConfig, network_config_from_dict
 from distillkac.paths import F_SCHEDULES, G_SCHEDULES, PATH_KINDS
 
@@ -43,17 +45,6 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _from_fields(cls: type, values: Any, name: str) -> Any:
-    """Build dataclass ``cls`` from a JSON dict; unknown keys are errors, lists become tuples."""
-    if not isinstance(values, dict):
-        raise DistillKacError(f"{name}: expected a JSON object, got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise DistillKacError(f"{name}: unknown key(s) {unknown}; allowed keys: {sorted(known)}")
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 @dataclass
@@ -207,9 +198,9 @@ class RunConfig:
             raise DistillKacError(f"config.distill: expected a JSON object or null, "
                                   f"got {type(distill).__name__}")
         return cls(data=DataConfig.from_dict(values["data"]), net=network_config_from_dict(values["net"]),
-                   path=_from_fields(PathConfig, values.get("path", {}), "path"),
-                   optim=_from_fields(OptimConfig, values.get("optim", {}), "optim"),
-                   train=_from_fields(TrainConfig, values.get("train", {}), "train"),
+                   path=dataclass_from_dict(PathConfig, values.get("path", {}), "path"),
+                   optim=dataclass_from_dict(OptimConfig, values.get("optim", {}), "optim"),
+                   train=dataclass_from_dict(TrainConfig, values.get("train", {}), "train"),
                    distill=distill)
 
     def validate(self) -> RunConfig:
@@ -246,6 +237,23 @@ def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "
         elif _normalise(a) != _normalise(b):
             differing.append(name)
     return differing
+
+
+def first_difference(stored: dict[str, Any], current: dict[str, Any], ignored: Collection[str] = ()
+                     ) -> tuple[str, Any, Any] | None:
+    """``(dotted name, stored value, current value)`` of the first field (in ``config_differences``
+    order) that differs between two ``RunConfig.to_dict()`` dicts and is not in ``ignored``; None if none."""
+    for name in config_differences(stored, current):
+        if name not in ignored:
+            return name, _lookup(stored, name), _lookup(current, name)
+    return None
+
+
+def _lookup(values: Any, dotted: str) -> Any:
+    """The value at a dotted name (``"train.batch"``) of nested dicts; None where a part is missing."""
+    for part in dotted.split("."):
+        values = values.get(part) if isinstance(values, dict) else None
+    return values
 
 
 def _normalise(value: Any) -> Any:

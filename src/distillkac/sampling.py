@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from distillkac.checkpoint import atomic_write_bytes, load_artifact
+from distillkac.data import to_uint8
 from distillkac.errors import DistillKacError
 from distillkac.guidance import check_guidance, guided_velocity
 from distillkac.paths import build_path
@@ -193,13 +194,6 @@ def _student_settings(meta: dict, steps, solver, guidance, grid) -> tuple[int, s
 
 # ------------------------------------------------------------------------------------------- files
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """Float images in [-1, 1] -> uint8 0..255 (round to nearest, clamp); uint8 passes through."""
-    if images.dtype == torch.uint8:
-        return images
-    return ((images.float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
-
-
 def save_grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
                   scale: int | None = None) -> None:
     """Images ``[N, C, H, W]`` (float in [-1, 1] or uint8) as one PNG grid, ``nrow`` images per row,
@@ -227,11 +221,9 @@ def save_grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int | Non
 def save_scatter_png(points: torch.Tensor, path: str | os.PathLike, labels: torch.Tensor | None = None,
                      title: str | None = None, limit: float = 1.5) -> None:
     """2-D points as a scatter plot (matplotlib, Agg backend), coloured by label."""
-    import matplotlib
+    from distillkac.plotting import agg_pyplot, save_figure_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = agg_pyplot()
     points = points.detach().float().cpu().numpy()
     figure, axes = plt.subplots(figsize=(5, 5), dpi=100)
     colours = {} if labels is None else {"c": labels.cpu().numpy(), "cmap": "tab20"}
@@ -241,10 +233,7 @@ def save_scatter_png(points: torch.Tensor, path: str | os.PathLike, labels: torc
     axes.set_aspect("equal")
     if title:
         axes.set_title(title, fontsize=9)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", bbox_inches="tight")
-    plt.close(figure)
-    atomic_write_bytes(path, buffer.getvalue())
+    save_figure_png(figure, path, tight=True)
 
 
 def save_samples_npz(path: str | os.PathLike, samples: torch.Tensor, labels: torch.Tensor | None,

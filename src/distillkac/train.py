@@ -52,7 +52,7 @@ from distillkac.checkpoint import (
     save_training_state,
 )
 from distillkac.errors import DistillKacError
-from distillkac.presets import RESUMABLE_TRAIN_FIELDS, RunConfig, config_differences
+from distillkac.presets import RESUMABLE_TRAIN_FIELDS, RunConfig, first_difference
 from distillkac.rng import rand
 
 STATE_FILE = "training-state.pt"
@@ -263,18 +263,11 @@ def _row_step(line: str) -> float:
 def check_resume_config(stored: dict[str, Any], config: RunConfig, state_path: Path) -> None:
     """Refuse to resume when the config changed in anything but length, logging and cadence."""
     allowed = {f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS}
-    differing = [name for name in config_differences(stored, config.to_dict()) if name not in allowed]
-    if differing:
-        name = differing[0]
-        old, new = _lookup(stored, name), _lookup(config.to_dict(), name)
+    difference = first_difference(stored, config.to_dict(), allowed)
+    if difference is not None:
+        name, old, new = difference
         raise DistillKacError(f"resume: {state_path} was trained with {name} = {old!r}, now {new!r}; "
                               f"use the same settings or another --outdir")
-
-
-def _lookup(values: dict[str, Any], dotted: str) -> Any:
-    for part in dotted.split("."):
-        values = values.get(part) if isinstance(values, dict) else None
-    return values
 
 
 # ------------------------------------------------------------------------------------------ the loop

@@ -1,5 +1,6 @@
 """``distillkac eval``: the NFE table. One JSON row per model × steps × solver × guidance goes to
-OUT/results.jsonl (rows already there are skipped, so rerunning resumes), then OUT/table.md and
+OUT/results.jsonl (rows already there are skipped, and a row cut short continues from its side file
+OUT/.partial-*.npz, so rerunning resumes), then OUT/table.md and
 OUT/metric_vs_nfe.png are drawn from all rows in the file. Image i uses seed S+i and label i mod
 num_classes. Students are evaluated only at their own step count with Euler and their baked-in
 guidance. Under torchrun the seeds are shared between the processes; the images are the same."""
@@ -10,7 +11,7 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from distillkac.evaluate import METRICS
+from distillkac.evaluate import DEFAULT_SAVE_EVERY, METRICS
 from distillkac.solvers import SOLVERS
 
 
@@ -49,6 +50,8 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of image 0 (image i uses seed+i)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", required=True, help="output directory (results.jsonl, table.md, PNG)")
+    parser.add_argument("--save-every", type=int, default=DEFAULT_SAVE_EVERY,
+                        help="batches between saves of the row being computed (a rerun continues from there)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(func=run)
 
@@ -59,7 +62,8 @@ def run(args: argparse.Namespace) -> int:
     group, device = process_group_from_environment(args.device)
     rows = evaluate(args.checkpoint, args.steps, args.solver, args.guidance, args.metric, args.num,
                     ref=args.ref, inception_weights=args.inception_weights, batch_size=args.batch,
-                    seed=args.seed, device=device, out=args.out, progress=not args.no_progress, group=group)
+                    seed=args.seed, device=device, out=args.out, progress=not args.no_progress, group=group,
+                    save_every=args.save_every)
     if group.is_main:
         all_rows = write_reports(args.out, skipped=[row for row in rows if "skipped" in row])
         print(render_table(all_rows), end="")

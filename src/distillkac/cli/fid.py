@@ -20,12 +20,17 @@ def register(subparsers) -> None:
                              "or [N, H, W, C], as `distillkac sample` writes)")
     parser.add_argument("--ref", required=True, default=argparse.SUPPRESS,
                         help="reference statistics .npz from `distillkac ref`")
-    parser.add_argument("--inception-weights", default=None,
-                        help=f"{WEIGHTS_HELP}; must be the one the reference was made with")
+    add_inception_arguments(parser, f"{WEIGHTS_HELP}; must be the one the reference was made with")
+    parser.set_defaults(func=run)
+
+
+def add_inception_arguments(parser: argparse.ArgumentParser, weights_help: str = WEIGHTS_HELP) -> None:
+    """The options of a command that runs the Inception network: --inception-weights, --batch, --device
+    and --no-progress."""
+    parser.add_argument("--inception-weights", default=None, help=weights_help)
     parser.add_argument("--batch", type=int, default=250, help="images per Inception forward pass")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ import argparse
 import json
 from pathlib import Path
 
-from distillkac.cli.fid import WEIGHTS_HELP
+from distillkac.cli.fid import add_inception_arguments
 from distillkac.errors import DistillKacError
 
 FID_DATASETS = ("cifar10", "folder")
@@ -35,15 +35,12 @@ def register(subparsers) -> None:
                         help="folder dataset: 1 (grayscale) or 3 (RGB; the default when unset)")
     parser.add_argument("--bad-files", default="skip", choices=("skip", "error"),
                         help="what to do with unreadable image files")
-    parser.add_argument("--inception-weights", default=None, help=WEIGHTS_HELP)
-    parser.add_argument("--batch", type=int, default=250, help="images per Inception forward pass")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    add_inception_arguments(parser)
     parser.add_argument("--limit", type=int, default=None,
                         help="use a random subset of this many images (chosen with --seed)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
     parser.add_argument("--save-every", type=int, default=20,
                         help="batches between saves of the partial sums to OUT.partial.npz (resume)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     parser.set_defaults(func=run)
 
 

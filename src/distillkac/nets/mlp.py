@@ -8,7 +8,6 @@ LayerNorm -> SiLU -> a zero-initialised linear output layer (a fresh network pre
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,9 +19,9 @@ from torch import nn
 from distillkac.errors import DistillKacError
 from distillkac.nets.unet import (
     ConditionEmbedding,
-    build_on,
+    ConfiguredNetwork,
+    JsonConfig,
     check_conditioning,
-    config_from_dict,
     initialise_parameters,
 )
 
@@ -32,7 +31,7 @@ def _positive_int(value: Any) -> bool:
 
 
 @dataclass
-class MLPConfig:
+class MLPConfig(JsonConfig):
     """Architecture of the residual MLP; ``to_dict``/``from_dict`` round-trip through JSON."""
 
     kind: str = "mlp"
@@ -62,13 +61,6 @@ class MLPConfig:
             if not ok:
                 raise DistillKacError(f"MLPConfig.{name}: {rule}, got {value!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> MLPConfig:
-        return config_from_dict(cls, data)
-
     @property
     def data_shape(self) -> tuple[int]:
         return (self.dim,)
@@ -89,22 +81,14 @@ class MLPBlock(nn.Module):
         return h + self.fc2(self.dropout(F.silu(self.fc1(F.silu(z)))))
 
 
-class MLP(nn.Module):
+class MLP(ConfiguredNetwork):
     """``model(x [B, dim], t [B], y [B]) -> velocity [B, dim]`` (same dtype as ``x``).
 
     Labels as for the UNet: ``0..num_classes-1`` or the null label ``num_classes``.  ``generator``
     draws the initial weights (a fresh OS-seeded one if None); ``device="meta"`` allocates nothing.
     """
 
-    def __init__(self, config: MLPConfig, generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None) -> None:
-        super().__init__()
-        config.validate()
-        self.config = config
-        self.num_classes = config.num_classes
-        self.null_label = config.num_classes
-        self.data_shape = config.data_shape
-        build_on(device, generator, self._build, self.reset_parameters, self)
+    config: MLPConfig
 
     def _build(self) -> None:
         cfg = self.config

@@ -28,24 +28,25 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkac.errors import DistillKacError
+from distillkac.fields import dataclass_from_dict
 from distillkac.rng import fresh_generator
 
 MAX_PERIOD = 10_000.0
 """Longest period of the sinusoidal time features (in scaled time units)."""
 
 
-def config_from_dict(cls: type, data: dict[str, Any]) -> Any:
-    """Build config dataclass ``cls`` from a JSON-style dict: lists become tuples, unknown keys are errors."""
-    if not isinstance(data, dict):
-        raise DistillKacError(f"{cls.__name__}: expected a dict of fields, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise DistillKacError(f"{cls.__name__}: unknown field(s) {unknown}; valid fields are {sorted(names)}")
-    values = {key: tuple(value) if isinstance(value, list) else value for key, value in data.items()}
-    config = cls(**values)
-    config.validate()
-    return config
+class JsonConfig:
+    """JSON round trip of a network config dataclass (which defines ``validate``)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Any:
+        """The validated config from its ``to_dict()`` form (lists become tuples; unknown fields refused)."""
+        config = dataclass_from_dict(cls, data, cls.__name__)
+        config.validate()
+        return config
 
 
 def _require(condition: bool, message: str) -> None:
@@ -54,7 +55,7 @@ def _require(condition: bool, message: str) -> None:
 
 
 @dataclass
-class UNetConfig:
+class UNetConfig(JsonConfig):
     """Architecture of the image UNet; ``to_dict``/``from_dict`` round-trip through JSON."""
 
     kind: str = "unet"
@@ -119,13 +120,6 @@ class UNetConfig:
         bad = [c for c in attn_channels if c % self.num_heads]
         _require(not bad, f"{name}.num_heads: {self.num_heads} must divide the channels of every attention "
                           f"layer {attn_channels}; it does not divide {bad}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> UNetConfig:
-        return config_from_dict(cls, data)
 
     @property
     def data_shape(self) -> tuple[int, int, int]:
@@ -238,6 +232,30 @@ def build_on(device: torch.device | str | None, generator: torch.Generator | Non
     init(generator if generator is not None else fresh_generator(target))
 
 
+class ConfiguredNetwork(nn.Module):
+    """Base of the velocity networks: validates ``config`` and keeps it with ``num_classes``, ``null_label``
+    (= ``num_classes``) and ``data_shape``, then builds the layers (``_build``) on meta and initialises them
+    on ``device`` from ``generator`` (``reset_parameters``; see build_on)."""
+
+    def __init__(self, config: Any, generator: torch.Generator | None = None,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.num_classes = config.num_classes
+        self.null_label = config.num_classes
+        self.data_shape = config.data_shape
+        build_on(device, generator, self._build, self.reset_parameters, self)
+
+    def _build(self) -> None:
+        """Create the layers (called under ``torch.device("meta")``); each network defines its own."""
+        raise NotImplementedError
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """Draw every weight from ``generator``; each network defines its own."""
+        raise NotImplementedError
+
+
 # ---------------------------------------------------------------------------------------------
 # UNet blocks
 
@@ -313,7 +331,7 @@ class Stage(nn.Module):
         return h
 
 
-class UNet(nn.Module):
+class UNet(ConfiguredNetwork):
     """``model(x [B,C,H,W], t [B], y [B]) -> velocity [B,C,H,W]`` (same dtype as ``x``).
 
     ``y`` holds labels ``0..num_classes-1`` or the null label ``num_classes``; an unconditional
@@ -321,15 +339,7 @@ class UNet(nn.Module):
     weights (a fresh OS-seeded one if None); ``device="meta"`` builds without allocating.
     """
 
-    def __init__(self, config: UNetConfig, generator: torch.Generator | None = None,
-                 device: torch.device | str | None = None) -> None:
-        super().__init__()
-        config.validate()
-        self.config = config
-        self.num_classes = config.num_classes
-        self.null_label = config.num_classes
-        self.data_shape = config.data_shape
-        build_on(device, generator, self._build, self.reset_parameters, self)
+    config: UNetConfig
 
     def _build(self) -> None:
         cfg = self.config

@@ -1,0 +1,20 @@
+"""Config dataclasses from their JSON dicts (the inverse of ``dataclasses.asdict``)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from distillkac.errors import DistillKacError
+
+
+def dataclass_from_dict(cls: type, values: Any, name: str) -> Any:
+    """Build dataclass ``cls`` from a JSON-style dict: lists become tuples, unknown keys are refused
+    (one line starting with ``name``). Field values are not validated here."""
+    if not isinstance(values, dict):
+        raise DistillKacError(f"{name}: expected a dict of fields, got {type(values).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise DistillKacError(f"{name}: unknown field(s) {unknown}; valid fields are {sorted(known)}")
+    return cls(**{key: tuple(value) if isinstance(value, list) else value for key, value in values.items()})
