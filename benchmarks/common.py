@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import os
-import platform
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,7 +21,10 @@ from typing import Any
 
 import torch
 
+from distillkac.errors import DistillKacError
+from distillkac.files import atomic_write_json
 from distillkac.nets import REFERENCE_CONFIGS, UNetConfig
+from distillkac.runtime import environment_record, resolve_device
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -54,14 +53,12 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of every generator (default: %(default)s)")
 
 
-def resolve_device(name: str) -> torch.device:
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise SystemExit("--device cuda: no CUDA device is available on this machine")
-        torch.cuda.set_device(device.index or 0)
-        device = torch.device("cuda", device.index or 0)
-    return device
+def device_from_args(args: argparse.Namespace) -> torch.device:
+    """``--device`` resolved as distillkac resolves it; a bad or absent device exits with its one-line message."""
+    try:
+        return resolve_device(args.device)
+    except DistillKacError as err:
+        raise SystemExit(str(err)) from err
 
 
 def repeats(args: argparse.Namespace, device: torch.device, cpu: tuple[int, int] = (1, 2),
@@ -88,41 +85,12 @@ def _git_commit() -> str | None:
     return f"{head}{'+dirty' if dirty else ''}"
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(device: torch.device) -> dict[str, Any]:
-    """Machine, device, versions, commit, command line, date (UTC) and the load average."""
-    import numpy
-
-    record: dict[str, Any] = {
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "git_commit": _git_commit(),
-        "hostname": socket.gethostname(),
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "load_average_1_5_15min": list(os.getloadavg()),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "device": str(device),
-        "device_name": device_name(device),
-    }
-    if device.type == "cuda":
-        record["cuda"] = torch.version.cuda
-        record["cudnn"] = torch.backends.cudnn.version()
-    return record
+    """distillkac's environment record (machine, device, versions, load average) with the date (UTC), the
+    git commit and the command line as typed."""
+    return {**environment_record(device),
+            "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([Path(sys.executable).name, *sys.argv]), "git_commit": _git_commit()}
 
 
 # -------------------------------------------------------------------------------------------- timing
@@ -257,11 +225,8 @@ def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[tuple[str, st
 def write_results(name: str, out_dir: Path, device: torch.device, settings: dict[str, Any],
                   results: Any, table: str) -> Path:
     """Write ``<out_dir>/<name>.json`` (environment, settings, results, the printed table) atomically."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "environment": environment(device), "settings": settings,
                "results": results, "table": table}
     path = out_dir / f"{name}.json"
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write_json(path, payload)
     return path

@@ -16,7 +16,6 @@ also timed at the full ``--batch``. Run: ``python benchmarks/kac_sampler.py [--d
 from __future__ import annotations
 
 import argparse
-import contextlib
 import sys
 from pathlib import Path
 
@@ -29,6 +28,7 @@ import common  # noqa: E402
 from distillkac.kac import KacProcess  # noqa: E402
 from distillkac.nets import build_network  # noqa: E402
 from distillkac.paths import KacPath  # noqa: E402
+from distillkac.runtime import autocast  # noqa: E402
 
 NAME = "kac_sampler"
 
@@ -67,9 +67,7 @@ def unet_step_fn(model: torch.nn.Module, batch: int, device: torch.device, preci
     y = torch.randint(model.num_classes + 1, (batch,), generator=generator, device=device)
 
     def step():
-        autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16"
-                    else contextlib.nullcontext())
-        with autocast:
+        with autocast(device, precision):
             prediction = model(x, t, y)
         (prediction.float() - target).square().mean().backward()
         model.zero_grad(set_to_none=True)
@@ -79,7 +77,7 @@ def unet_step_fn(model: torch.nn.Module, batch: int, device: torch.device, preci
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = common.device_from_args(args)
     warmup, repeat = common.repeats(args, device)
     gpu = device.type == "cuda"
     args.batch = args.batch or (8 if args.smoke else 128)

@@ -106,7 +106,7 @@ def prior_comparison(path: KacPath, shape: tuple[int, ...], count: int, batch: i
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = common.device_from_args(args)
     gpu = device.type == "cuda"
     warmup, repeat = sampling_repeats(args, device)
     steps_list = args.steps or ([1, 4, 20, 100] if gpu else [1, 4])

@@ -177,7 +177,7 @@ def measure(variant: Variant, args: argparse.Namespace, batch: int, micro_batch:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    device = common.resolve_device(args.device)
+    device = common.device_from_args(args)
     warmup, repeat = common.repeats(args, device, cpu=(1, 1))
     gpu = device.type == "cuda"
     batch = args.batch or (4 if args.smoke else 128 if gpu else 1)

@@ -16,15 +16,14 @@ from conftest import tiny_unet_config
 
 from distillkac import checkpoint
 from distillkac.checkpoint import (
-    RunLock,
     artifact_sha256,
-    atomic_write_bytes,
     load_artifact,
     load_training_state,
     save_artifact,
     save_training_state,
 )
 from distillkac.errors import DistillKacError
+from distillkac.files import RunLock, atomic_write_bytes
 from distillkac.nets import MLPConfig, build_network
 
 META = {"kind": "teacher", "path": {"kind": "kac", "kac_a": 9.0, "kac_c": 3.0, "T": 1.0}}
@@ -214,7 +213,7 @@ def test_lock_refuses_a_second_holder_and_is_released(tmp_path):
         assert holder == {"pid": os.getpid(), "hostname": socket.gethostname()}
         with pytest.raises(DistillKacError, match=f"in use \\(locked by pid {os.getpid()}"):
             RunLock(tmp_path).__enter__()
-        code = ("import sys; from distillkac.checkpoint import RunLock\n"
+        code = ("import sys; from distillkac.files import RunLock\n"
                 "try:\n    RunLock(sys.argv[1]).__enter__()\n"
                 "except ValueError as e:\n    print(e); sys.exit(3)")
         other = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True,

@@ -12,7 +12,6 @@ import pytest
 import torch
 from PIL import Image
 
-from distillkac import data
 from distillkac.data import (
     CIFAR10_CLASSES,
     DataConfig,
@@ -20,6 +19,7 @@ from distillkac.data import (
     load_dataset,
     toy_mixture,
 )
+from distillkac.data import images as data
 from distillkac.errors import DistillKacError
 from distillkac.rng import seeded_generators
 

@@ -11,9 +11,12 @@ from pathlib import Path
 import pytest
 
 from distillkac.cli import main
-from distillkac.demo import BUDGETS, MARKER_FILE, OWN_ENTRIES, REPORT_JSON, REPORT_MD, prepare_outdir
+from distillkac.demo import BUDGETS, MARKER_FILE, OWN_ENTRIES, prepare_outdir
 from distillkac.errors import DistillKacError
-from distillkac.reproduce import Plan, Step, build_plan, plan_summary, resolve_throughput, run_plan
+from distillkac.nets import REFERENCE_CONFIGS
+from distillkac.presets import get_preset
+from distillkac.report import REPORT_JSON, REPORT_MD
+from distillkac.reproduce import FORWARD_GFLOP, Plan, Step, build_plan, plan_summary, resolve_throughput, run_plan
 
 TINY = BUDGETS["tiny"]
 
@@ -149,8 +152,6 @@ def test_reproduce_dry_run_prints_the_whole_plan_and_writes_nothing(dataset, tmp
 
 
 def test_reproduce_estimates_follow_the_given_throughput(tmp_path):
-    from distillkac.presets import get_preset
-
     plan = build_plan("cifar10", "data", tmp_path / "out", "w.pth")
     throughput = resolve_throughput("cifar10", {"train": 1000.0, "sample": 2000.0, "inception": 500.0},
                                     tmp_path / "none")
@@ -165,9 +166,6 @@ def test_reproduce_estimates_follow_the_given_throughput(tmp_path):
 
 
 def test_reproduce_uses_measured_cuda_benchmarks_scaled_by_flops(tmp_path):
-    from distillkac.nets import REFERENCE_CONFIGS
-    from distillkac.reproduce import FORWARD_GFLOP
-
     bench = tmp_path / "results"
     bench.mkdir()
     network = REFERENCE_CONFIGS["cifar10"].to_dict()

@@ -17,28 +17,25 @@ from torch import nn
 from distillkac.checkpoint import load_artifact, load_training_state, save_artifact
 from distillkac.cli import main
 from distillkac.data import DataConfig, load_dataset, toy_mixture
-from distillkac.distill import (
-    DISTILL_PRESETS,
-    Distillation,
-    DistillSettings,
-    EndpointObjective,
-    Stage,
-    Teacher,
-    load_teacher,
-    parse_plan,
-    path_closeness,
-    plan_stages,
-    run_distillation,
-    validate_plan,
-)
+from distillkac.diagnostics import path_closeness
+from distillkac.distill import EndpointObjective, Stage, Teacher, load_teacher, parse_plan, plan_stages, validate_plan
 from distillkac.errors import DistillKacError
 from distillkac.kac import KacProcess
-from distillkac.metrics import toy2d_metrics
+from distillkac.metrics.toy2d import toy2d_metrics
 from distillkac.nets import MLPConfig, build_network
 from distillkac.paths import KacPath, build_path
-from distillkac.presets import get_preset
+from distillkac.presets import (
+    DISTILL_PRESETS,
+    DistillConfig,
+    OptimConfig,
+    TrainConfig,
+    get_distill_preset,
+    get_preset,
+    preset_key,
+)
 from distillkac.sampling import cycle_labels, sample_artifact
 from distillkac.solvers import solve, time_grid
+from distillkac.stages import Distillation, run_distillation
 
 KAC = KacPath(KacProcess(9.0, 3.0))
 TOY_PLAN = "20,4,2,1"
@@ -73,13 +70,22 @@ def test_plan_text_must_be_integers():
 
 
 def test_steps_per_stage_takes_one_count_or_one_per_stage():
-    settings = DistillSettings(plan=(20, 4, 1), steps_per_stage=(5, 7)).validate()
+    settings = DistillConfig(plan=(20, 4, 1), steps_per_stage=(5, 7)).validate()
     assert [settings.stage_steps(stage) for stage in plan_stages(settings.plan)] == [5, 7]
-    assert DistillSettings(plan=(20, 4, 1), steps_per_stage=9).stage_steps(Stage(2, 4, 1)) == 9
+    assert DistillConfig(plan=(20, 4, 1), steps_per_stage=9).stage_steps(Stage(2, 4, 1)) == 9
     with pytest.raises(DistillKacError, match=r"one per stage \(2 for the plan 20,4,1\), got 3"):
-        DistillSettings(plan=(20, 4, 1), steps_per_stage=(5, 7, 9)).validate()
+        DistillConfig(plan=(20, 4, 1), steps_per_stage=(5, 7, 9)).validate()
     with pytest.raises(DistillKacError, match="--steps-per-stage: must be positive"):
-        DistillSettings(plan=(20, 4, 1), steps_per_stage=0).validate()
+        DistillConfig(plan=(20, 4, 1), steps_per_stage=0).validate()
+
+
+def test_distill_config_changes_reach_its_optimiser_and_loop():
+    preset = get_distill_preset("toy2d")
+    changed = preset.with_changes({"guidance": 0.5, "optim.lr": 0.01, "train.batch": 64})
+    assert (changed.guidance, changed.optim.lr, changed.train.batch) == (0.5, 0.01, 64)
+    assert (preset.guidance, preset.optim.lr, preset.train.batch) == (0.0, 1e-3, 256)
+    preset.train.batch = 1
+    assert DISTILL_PRESETS["toy2d"].train.batch == 256
 
 
 def test_presets_have_valid_plans():
@@ -344,9 +350,10 @@ def test_sample_command_works_on_every_stage(toy_distill, tmp_path, stage):
 
 
 def test_resuming_mid_stage_reproduces_the_uninterrupted_stage(toy_teacher, tmp_path):
-    settings = DistillSettings(plan=(4, 2), guidance=0.5, steps_per_stage=6, batch=32, micro_batch=16, lr=1e-3,
-                               ema_halflife_images=500.0, ema_rampup=None, device="cpu", closeness_samples=8,
-                               log_every=1, ckpt_every=3, sample_every=100)
+    settings = DistillConfig(plan=(4, 2), guidance=0.5, steps_per_stage=6, closeness_samples=8,
+                             optim=OptimConfig(lr=1e-3, warmup_images=0),
+                             train=TrainConfig(batch=32, micro_batch=16, ema_halflife_images=500.0, ema_rampup=None,
+                                               device="cpu", log_every=1, ckpt_every=3, sample_every=100))
     run_distillation(toy_teacher, tmp_path / "whole", settings, progress=False)
     halfway = dataclasses.replace(settings, steps_per_stage=3)
     run_distillation(toy_teacher, tmp_path / "parts", halfway, progress=False)
@@ -394,7 +401,7 @@ def test_an_unusable_outdir_fails_early_naming_the_option(toy_teacher, tmp_path,
     err = _one_line_error(capsys, _toy_args(toy_teacher, blocker / "out"))
     assert f"--outdir: cannot create {blocker / 'out'}: {blocker} is a file, not a directory" in err
     with pytest.raises(DistillKacError, match="^--outdir: "):
-        Distillation(toy_teacher, blocker, DistillSettings(plan=(20, 4)))
+        Distillation(toy_teacher, blocker, DistillConfig(plan=(20, 4)))
     assert blocker.read_text() == "keep"
 
 
@@ -456,8 +463,6 @@ def test_a_mismatched_teacher_is_refused(toy_teacher, toy_distill, tmp_path, cap
 
 
 def test_distill_presets_cover_the_training_presets():
-    from distillkac.distill import preset_key
-
     for name in ("digits", "toy2d", "cifar10", "celeba64", "lsun-bedroom256"):
         assert preset_key(get_preset(name).data) == name
     assert math.isfinite(DISTILL_PRESETS["digits"].guidance)

@@ -21,23 +21,14 @@ from distillkac.cli import main
 from distillkac.data import DataConfig, toy_mixture
 from distillkac.diagnostics import analytic_velocity_profile, plot_velocity_profiles, velocity_profile
 from distillkac.errors import DistillKacError
-from distillkac.evaluate import (
-    MetricContext,
-    Moments,
-    PartialRow,
-    Setting,
-    append_result,
-    evaluate,
-    evaluate_shard,
-    nfe_per_sample,
-    plan_settings,
-    read_results,
-    render_table,
-    shard_indices,
-)
+from distillkac.evaluate import Setting, evaluate, evaluate_shard, nfe_per_sample, plan_settings, shard_indices
 from distillkac.kac import KacProcess
-from distillkac.metrics import toy2d_metrics
+from distillkac.metrics.context import MetricContext
+from distillkac.metrics.stats import Moments
+from distillkac.metrics.toy2d import toy2d_metrics
 from distillkac.nets import MLPConfig, build_network
+from distillkac.nfe_table import append_result, read_results, render_table
+from distillkac.npz import SideFile
 from distillkac.paths import FlowPath, KacPath, VPPath, build_path
 from distillkac.rng import seeded_generators
 from distillkac.sampling import sample_artifact
@@ -224,7 +215,7 @@ def test_simulated_ranks_give_the_single_process_result(toy_models):
 # ---------------------------------------------------------------------------------------------- FID
 
 def _fake_reference(path: Path, resolution: list[int], weights_id: str = "torch-fidelity-default") -> None:
-    from distillkac.metrics import GaussianStats, save_reference
+    from distillkac.metrics.fid import GaussianStats, save_reference
 
     stats = GaussianStats(np.zeros(4), np.eye(4), 10)
     meta = {"dataset": {"name": "fake"}, "split": "train", "resolution": resolution, "channels": 1,
@@ -248,7 +239,7 @@ class PixelFeatures:
 def test_fid_rows_stream_batches_into_the_statistics(tmp_path, monkeypatch):
     """FID rows with the pixel stand-in for Inception: the value is the Fréchet distance of the
     statistics of the seeded images (seed i, label i mod 3), fed batch by batch."""
-    import distillkac.metrics as metrics
+    import distillkac.metrics.fid as metrics
 
     monkeypatch.delenv("DISTILLKAC_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setattr(metrics, "InceptionFeatures", PixelFeatures)
@@ -279,7 +270,7 @@ def test_fid_rows_stream_batches_into_the_statistics(tmp_path, monkeypatch):
 def test_fid_row_against_a_small_reference(tmp_path, monkeypatch):
     """One real FID row: 10 images through Inception on the CPU and one 2048-d Fréchet distance (slow:
     ~20 s for the distance alone on 2 loaded cores)."""
-    import distillkac.metrics as metrics
+    import distillkac.metrics.fid as metrics
     from distillkac.data import load_dataset
 
     save_artifact(tmp_path / "unet", _perturbed(_tiny_unet(), scale=0.05), {"kind": "teacher", "path": KAC})
@@ -427,7 +418,7 @@ def test_toy2d_row_continues_from_its_side_file(toy_models, tmp_path, monkeypatc
 def test_fid_row_continues_from_its_side_file(tmp_path, monkeypatch):
     """FID with the pixel stand-in: 10 images in batches [4, 4, 2], saved after every batch, killed at
     the third: the rerun streams only images 8 and 9 and gives the uninterrupted FID exactly."""
-    import distillkac.metrics as metrics
+    import distillkac.metrics.fid as metrics
 
     monkeypatch.delenv("DISTILLKAC_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setattr(metrics, "InceptionFeatures", PixelFeatures)
@@ -485,7 +476,7 @@ def test_a_rank_continues_its_own_shard(toy_models, tmp_path, monkeypatch):
     model, meta = load_artifact(toy_models["teacher"])
     context = MetricContext("toy2d", ref=None, inception_weights=None, batch_size=2,
                             device=torch.device("cpu"), progress=False)
-    partial = PartialRow(tmp_path / "side.npz", "row", num=11, seed=3, rank=1, world_size=3)
+    partial = SideFile(tmp_path / "side.npz", {"key": "row", "num": 11, "seed": 3, "rank": 1, "world_size": 3})
     kwargs = dict(num=11, seed=3, rank=1, world_size=3, batch_size=2, device=torch.device("cpu"))
     whole = evaluate_shard(model, meta, Setting(3, "euler", 1.0), context, **kwargs)
     monkeypatch.setattr(evaluate_module, "sample_artifact", CountingSampler(stop_at=2))

@@ -22,33 +22,24 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from distillkac.cli import main
-from distillkac.data import DataConfig, load_dataset, toy_mixture
+from distillkac.data import DataConfig, image_file_batches, load_dataset, to_uint8, toy_mixture
 from distillkac.errors import DistillKacError
-from distillkac.metrics import (
+from distillkac.metrics.digits import DigitsClassifier, default_cache_dir, digits_metrics
+from distillkac.metrics.fid import (
     WEIGHTS_ENV,
-    DigitsClassifier,
-    GaussianStats,
     InceptionFeatures,
-    MomentAccumulator,
     Reference,
     compute_reference,
-    default_cache_dir,
-    digits_metrics,
     feature_stats,
     fid_against_reference,
     fid_label,
-    frechet_distance,
-    image_file_batches,
     load_reference,
-    mixture_log_joint,
     reference_meta,
     resolve_inception_weights,
-    sample_mixture,
     save_reference,
-    sliced_wasserstein,
-    to_uint8,
-    toy2d_metrics,
 )
+from distillkac.metrics.stats import GaussianStats, Moments, frechet_distance
+from distillkac.metrics.toy2d import mixture_log_joint, sample_mixture, sliced_wasserstein, toy2d_metrics
 
 SHARED_WEIGHTS = (Path(__file__).resolve().parents[2]
                   / "shared/data/inception/pt_inception-2015-12-05-pool3-nanfc.pth")
@@ -217,10 +208,28 @@ def test_streaming_stats_equal_one_shot_numpy():
     assert stats.count == 1003
     np.testing.assert_allclose(stats.mu, features.numpy().mean(axis=0), rtol=0, atol=1e-10)
     np.testing.assert_allclose(stats.sigma, np.cov(features.numpy(), rowvar=False), rtol=0, atol=1e-10)
-    accumulator = MomentAccumulator()
-    accumulator.update(features[:1])
+    moments = Moments.empty().add(features[:1])
     with pytest.raises(DistillKacError, match="at least 2"):
-        accumulator.stats()
+        moments.stats()
+
+
+def test_moments_restore_their_arrays_and_older_shifted_sums():
+    """``Moments.arrays`` round-trips bit for bit; the shifted sums that reference progress files held
+    before (count, shift, sum, outer) give the same statistics to float64 round-off."""
+    features = torch.randn(50, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 0.5 + 7.0
+    moments = Moments.empty().add(features[:20]).add(features[20:])
+    restored = Moments.from_arrays(moments.arrays())
+    assert restored.count == 50 and torch.equal(restored.mean, moments.mean)
+    assert torch.equal(restored.scatter, moments.scatter)
+    shift = features[:20].mean(dim=0)
+    centred = features - shift
+    legacy = {"count": np.asarray(50), "shift": shift.numpy(), "sum": centred.sum(dim=0).numpy(),
+              "outer": (centred.T @ centred).numpy()}
+    stats = Moments.from_arrays(legacy).stats()
+    np.testing.assert_allclose(stats.mu, features.numpy().mean(axis=0), rtol=0, atol=1e-12)
+    np.testing.assert_allclose(stats.sigma, np.cov(features.numpy(), rowvar=False), rtol=0, atol=1e-12)
+    assert Moments.from_arrays({**legacy, "outer": legacy["outer"].astype(np.float32)}) is None
+    assert Moments.from_arrays({**moments.arrays(), "count": np.asarray(0)}) is None
 
 
 def test_compute_reference_uses_uint8_images_and_a_seeded_subset():
@@ -372,16 +381,16 @@ class StandInInception(MeanColourFeatures):
     """Replaces InceptionFeatures in the CLI: same constructor, weights identified like the real one."""
 
     def __init__(self, weights_path=None, device="cpu", batch_size=250) -> None:
-        from distillkac.metrics import inception_weights_id
+        from distillkac.metrics.fid import inception_weights_id
 
         super().__init__(inception_weights_id(resolve_inception_weights(weights_path)), batch_size)
 
 
 def test_cli_ref_then_fid_with_a_stand_in_extractor(tmp_path, capsys, monkeypatch):
     """The command chain on a PNG folder (`ref`) and the same images as an NHWC .npz (`fid`): FID ~ 0."""
-    import distillkac.metrics
+    import distillkac.metrics.fid
 
-    monkeypatch.setattr(distillkac.metrics, "InceptionFeatures", StandInInception)
+    monkeypatch.setattr(distillkac.metrics.fid, "InceptionFeatures", StandInInception)
     images = smooth_images(9, 3, 4, seed=16)
     folder = write_pngs(images, tmp_path / "pngs")
     weights = tmp_path / "weights.pth"

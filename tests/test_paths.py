@@ -1,5 +1,6 @@
 """Paths: x_t and targets against their closed forms (torchcfm-style), and the Kac path's end points."""
 
+import dataclasses
 import math
 
 import pytest
@@ -7,7 +8,7 @@ import torch
 
 from distillkac.errors import DistillKacError
 from distillkac.kac import KacProcess
-from distillkac.paths import FlowPath, KacPath, VPPath, build_path
+from distillkac.paths import FlowPath, KacPath, PathConfig, VPPath, build_path
 from distillkac.solvers import solve, time_grid
 
 F64 = torch.float64
@@ -113,3 +114,17 @@ def test_build_path_round_trip_and_errors():
         KacPath(KacProcess(), T=0.0)
     with pytest.raises(ValueError, match=r"t must have shape \[6\]"):
         KacPath(KacProcess()).sample(_data(), torch.ones(3, dtype=F64))
+
+
+def test_a_path_config_builds_its_path_directly():
+    configs = (PathConfig(), PathConfig(kac_a=25.0, kac_c=2.0, T=2.0, schedule="cosine", g_schedule="quadratic"),
+               PathConfig(kind="flow"), PathConfig(kind="vp"))
+    for config in configs:
+        config.validate()
+        path = build_path(config)
+        assert path == build_path(dataclasses.asdict(config))
+        assert PathConfig.from_config(path.to_config()) == config
+    with pytest.raises(DistillKacError, match=r"path.kac_c: must be a finite number > 0, got 0.0"):
+        PathConfig(kac_c=0.0).validate()
+    with pytest.raises(DistillKacError, match=r"path.T: the flow baseline is defined on \[0, 1\]; T must be 1"):
+        PathConfig(kind="flow", T=2.0).validate()

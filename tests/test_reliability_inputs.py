@@ -18,7 +18,7 @@ from conftest import make_toy_config
 
 from distillkac.checkpoint import save_artifact
 from distillkac.cli import main
-from distillkac.metrics import GaussianStats, reference_meta, save_reference
+from distillkac.metrics.fid import GaussianStats, reference_meta, save_reference
 from distillkac.nets import MLPConfig, build_network
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")

@@ -12,11 +12,11 @@ import torch
 from conftest import make_toy_config, run_cli
 from PIL import Image
 
-import distillkac.metrics
+import distillkac.metrics.fid
 import distillkac.train
 from distillkac.checkpoint import load_training_state
 from distillkac.cli.ref import progress_path
-from distillkac.metrics import inception_weights_id, load_reference, resolve_inception_weights
+from distillkac.metrics.fid import inception_weights_id, load_reference, resolve_inception_weights
 from distillkac.train import train_teacher
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -105,7 +105,7 @@ def ref_inputs(tmp_path, monkeypatch):
         Image.fromarray(pixels).save(folder / f"{index:02d}.png")
     weights = tmp_path / "weights.pth"
     weights.write_bytes(b"stand-in weights")
-    monkeypatch.setattr(distillkac.metrics, "InceptionFeatures", _CountingFeatures)
+    monkeypatch.setattr(distillkac.metrics.fid, "InceptionFeatures", _CountingFeatures)
     monkeypatch.setattr(_CountingFeatures, "calls", 0)
     monkeypatch.setattr(_CountingFeatures, "stop_at", None)
 

@@ -108,3 +108,58 @@ def test_guidance_argument_checks():
         check_guidance(1.0, 0)
     with pytest.raises(DistillKacError, match="guidance must be a finite number"):
         check_guidance(float("nan"), 10)
+
+
+# ------------------------------------------------------------------------------------------- per-row grids
+
+def _row_grids(rows: int, steps: int, seed: int) -> torch.Tensor:
+    """Random strictly decreasing per-row grids in [0, 2): every row its own times, some ending above 0."""
+    g = torch.Generator().manual_seed(seed)
+    times = torch.rand(rows, steps + 1, generator=g, dtype=torch.float64).sort(dim=1, descending=True).values * 2
+    times[::2, -1] = 0.0
+    return times
+
+
+@pytest.mark.parametrize("method", ORDERS)
+def test_per_row_grids_equal_solving_each_row_with_its_own_grid(method):
+    """Rows are independent: solving all rows on their own grids at once is bitwise solving them one by one
+    (float64, where a per-row step h and a shared float step round alike)."""
+    grids = _row_grids(5, 7, seed=2)
+    x = torch.randn(5, 3, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def velocity(state, t):
+        return state * torch.cos(t)[:, None] + t[:, None] ** 2
+
+    together = solve(velocity, x, grids, method)
+    assert together.evaluations == 7 * EVALUATIONS_PER_STEP[method]
+    for row in range(5):
+        alone = solve(velocity, x[row:row + 1], grids[row], method).x
+        assert torch.equal(together.x[row:row + 1], alone), row
+
+
+def test_per_row_grids_on_analytic_odes():
+    """Euler on dx/dt = λx is x_0·Π(1 - λh_k) per row; AB-2 on dx/dt = t is exact after its Euler start."""
+    grids = _row_grids(4, 6, seed=5)
+    x = torch.full((4, 1), 1.5, dtype=torch.float64)
+    steps = grids[:, :-1] - grids[:, 1:]
+    euler = solve(lambda state, t: -0.8 * state, x, grids, "euler").x
+    torch.testing.assert_close(euler[:, 0], 1.5 * (1 + 0.8 * steps).prod(dim=1), rtol=1e-14, atol=0)
+    ab2 = solve(lambda state, t: t[:, None].to(state.dtype), x, grids, "ab2").x
+    expected = 1.5 - steps[:, 0] * grids[:, 0] - (grids[:, 1] ** 2 - grids[:, -1] ** 2) / 2
+    torch.testing.assert_close(ab2[:, 0], expected, rtol=0, atol=1e-14)
+
+
+def test_per_row_grid_checks_and_hook():
+    x = torch.zeros(3, 2, dtype=torch.float64)
+    with pytest.raises(DistillKacError, match=r"one row per sample \(\[3, steps \+ 1\]\), got shape \[2, 4\]"):
+        solve(lambda state, t: state, x, _row_grids(2, 3, seed=0), "euler")
+    increasing = _row_grids(3, 3, seed=0)
+    increasing[1] = increasing[1].flip(0)
+    with pytest.raises(DistillKacError, match="strictly decreasing"):
+        solve(lambda state, t: state, x, increasing, "euler")
+    with pytest.raises(DistillKacError, match="non-negative"):
+        solve(lambda state, t: state, x, [1.0, 0.5, -0.5], "euler")
+    seen = []
+    grids = _row_grids(3, 2, seed=1)
+    solve(lambda state, t: state, x, grids, "ab2", on_step=lambda k, t, state, u: seen.append(t))
+    assert len(seen) == 2 and all(torch.equal(t, grids[:, k]) for k, t in enumerate(seen))

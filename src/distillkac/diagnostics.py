@@ -7,22 +7,32 @@ A Kac path moves every coordinate at finite speed: the conditional target
 grows like ``t^{-1/2}`` near the data. These functions record the per-coordinate RMS and maximum of
 ``|u|`` at each time, either along a model's sampling trajectories (``velocity_profile``) or for the
 conditional targets on real data (``analytic_velocity_profile``, no network), and plot them.
+
+Path closeness (Theorem 8 of the paper, measured): a teacher and its distilled student start from the same
+``x_T`` and the RMS distance per pixel between their states is recorded at every teacher grid time (the
+student's Euler segment is linear in between, so it is interpolated there).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from distillkac.errors import DistillKacError
-from distillkac.rng import GeneratorLike
+from distillkac.plotting import agg_pyplot, save_figure_png
+from distillkac.rng import GeneratorLike, seeded_generators
 from distillkac.sampling import generate
+from distillkac.solvers import solve, time_grid
 
 Profile = dict[str, list[float]]
+TeacherFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+"""A (guided) velocity ``fn(x, t [B], y [B]) -> u``."""
 
 
 class _StepStatistics:
@@ -94,8 +104,6 @@ def plot_velocity_profiles(profiles: dict[str, Profile], path: str | os.PathLike
     With ``kac_c`` the Kac speed ``c`` is drawn as a dashed line: the bound on ``|v|`` per coordinate
     (the full Kac velocity adds ``|f'(t)|·|x0|`` to it).
     """
-    from distillkac.plotting import agg_pyplot, save_figure_png
-
     plt = agg_pyplot()
     if not profiles:
         raise DistillKacError("profiles: nothing to plot (need at least one named profile)")
@@ -113,3 +121,100 @@ def plot_velocity_profiles(profiles: dict[str, Profile], path: str | os.PathLike
     axes[1].legend(fontsize=8)
     figure.tight_layout()
     save_figure_png(figure, path)
+
+
+# ----------------------------------------------------------------------------------- path closeness
+
+@torch.no_grad()
+def path_closeness(teacher_fn: TeacherFn, student_model: nn.Module, *, path, teacher_steps: int,
+                   student_steps: int, seeds: Sequence[int], labels: torch.Tensor | None = None,
+                   teacher_solver: str = "ab2", device: str | torch.device = "cpu", batch_size: int = 256,
+                   autocast=None) -> dict[str, Any]:
+    """RMS distance per pixel between teacher and student paths from the same priors (one per seed).
+
+    The teacher runs ``teacher_steps`` steps of ``teacher_solver`` (guidance inside ``teacher_fn``), the
+    student ``student_steps`` Euler steps (``student_steps`` must divide ``teacher_steps``). At teacher
+    time ``t`` inside student interval ``[t_{k+1}, t_k]`` the student state is ``x_k - (t_k - t)·u_k``.
+    Returns ``times`` (T .. 0, every teacher grid time), ``rms`` (one per time, over all samples and
+    coordinates), ``max``, ``final`` (t = 0), ``student_times`` and ``num_samples``.
+    """
+    if teacher_steps % student_steps:
+        raise DistillKacError(f"path closeness: {student_steps} student steps do not divide "
+                              f"{teacher_steps} teacher steps")
+    device = torch.device(device)
+    seeds = [int(s) for s in seeds]
+    teacher_grid, student_grid = time_grid(teacher_steps, path.T), time_grid(student_steps, path.T)
+    num_classes = int(student_model.num_classes)
+    labels = torch.full((len(seeds),), num_classes, dtype=torch.long) if labels is None else labels
+    shape = tuple(student_model.config.data_shape)
+    squares = torch.zeros(teacher_steps + 1, dtype=torch.float64)
+    student_model = student_model.to(device).eval()
+    with autocast if autocast is not None else contextlib.nullcontext():
+        for start in range(0, len(seeds), batch_size):
+            chunk = seeds[start:start + batch_size]
+            y = torch.as_tensor(labels[start:start + batch_size], dtype=torch.long).to(device)
+            x = path.prior((len(chunk), *shape), generator=seeded_generators(chunk, device), device=device,
+                           dtype=torch.float32)
+            squares += _squared_distances(teacher_fn, student_model, x, y, teacher_grid, student_grid,
+                                          teacher_solver)
+    rms = (squares / (len(seeds) * math.prod(shape))).sqrt().tolist()
+    return {"times": teacher_grid.tolist(), "rms": rms, "max": max(rms), "final": rms[-1],
+            "student_times": student_grid.tolist(), "teacher_steps": teacher_steps,
+            "student_steps": student_steps, "num_samples": len(seeds)}
+
+
+def _squared_distances(teacher_fn: TeacherFn, student_model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                       teacher_grid: torch.Tensor, student_grid: torch.Tensor, teacher_solver: str
+                       ) -> torch.Tensor:
+    """Sum over the batch and coordinates of the squared teacher-student distance at each teacher time."""
+    student = _StudentPath(student_grid, teacher_grid)
+    solve(lambda s, t: student_model(s, t, y).float(), x, student_grid, method="euler", on_step=student.record)
+    squares = torch.zeros(len(teacher_grid), dtype=torch.float64)
+
+    def compare(i: int, t: float, state: torch.Tensor, u: torch.Tensor) -> None:
+        squares[i] = (state.double() - student.state_at(i).double()).square().sum().cpu()
+
+    final = solve(lambda s, t: teacher_fn(s, t, y).float(), x, teacher_grid, method=teacher_solver,
+                  on_step=compare).x
+    squares[-1] = (final.double() - student.state_at(len(teacher_grid) - 1).double()).square().sum().cpu()
+    return squares
+
+
+class _StudentPath:
+    """The student's Euler states and velocities, and its piecewise-linear path at teacher grid times."""
+
+    def __init__(self, student_grid: torch.Tensor, teacher_grid: torch.Tensor) -> None:
+        self.student_grid, self.teacher_grid = student_grid, teacher_grid
+        self.segment = (len(teacher_grid) - 1) // (len(student_grid) - 1)
+        self.states: list[torch.Tensor] = []
+        self.velocities: list[torch.Tensor] = []
+
+    def record(self, k: int, t: float, state: torch.Tensor, u: torch.Tensor) -> None:
+        self.states.append(state)
+        self.velocities.append(u)
+
+    def state_at(self, i: int) -> torch.Tensor:
+        """The student's state at teacher grid time ``i`` (the interval's end is the Euler endpoint)."""
+        k = min(i // self.segment, len(self.states) - 1)
+        offset = float(self.student_grid[k] - self.teacher_grid[i])
+        return self.states[k] - offset * self.velocities[k]
+
+
+def plot_closeness(curves: dict[str, dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> None:
+    """One PNG (matplotlib, Agg) with the RMS-distance curve of every entry of ``curves`` (label -> result
+    of :func:`path_closeness`), the student grid times marked."""
+    plt = agg_pyplot()
+    figure, axes = plt.subplots(figsize=(6, 4), dpi=100)
+    for label, curve in curves.items():
+        line, = axes.plot(curve["times"], curve["rms"], label=f"{label} (max {curve['max']:.3g})")
+        marks = [curve["rms"][round((1 - s / curve["times"][0]) * curve["teacher_steps"])]
+                 for s in curve["student_times"]]
+        axes.plot(curve["student_times"], marks, "o", color=line.get_color(), markersize=3)
+    axes.set_xlabel("t (sampling runs from T to 0)")
+    axes.set_ylabel("RMS distance per pixel, teacher vs student")
+    axes.invert_xaxis()
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    if title:
+        axes.set_title(title, fontsize=9)
+    save_figure_png(figure, path, tight=True)

@@ -8,7 +8,7 @@ target; sampling integrates ``dx/dt = u`` from ``T`` down to 0 (method.md §2–
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import NamedTuple
 
 import torch
@@ -27,10 +27,11 @@ class PathSample(NamedTuple):
     noise: torch.Tensor
 
 
-def _broadcast_time(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    if t.dim() != 1 or t.shape[0] != like.shape[0]:
-        raise ValueError(f"t must have shape [{like.shape[0]}] (one time per row of x0), got {tuple(t.shape)}")
-    return t.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+def per_row(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """One value per row of ``like`` (``[B]``) as ``[B, 1, …]`` in ``like``'s dtype, to broadcast against it."""
+    if values.dim() != 1 or values.shape[0] != like.shape[0]:
+        raise ValueError(f"t must have shape [{like.shape[0]}] (one time per row of x0), got {tuple(values.shape)}")
+    return values.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
 
 
 # Data-coefficient schedules f(t) with f(0) = 1, f(T) = 0, and their derivatives.
@@ -90,7 +91,7 @@ class KacPath:
         return f, df, g, dg
 
     def sample(self, x0: torch.Tensor, t: torch.Tensor, generator: GeneratorLike = None) -> PathSample:
-        tb = _broadcast_time(t, x0)
+        tb = per_row(t, x0)
         f, df, g, dg = self.coefficients(tb)
         clock = g.reshape(-1)
         tau, is_atom = self.process.sample(clock, x0.shape[1:], generator, validate=False)
@@ -117,7 +118,7 @@ class FlowPath:
     name = "flow"
 
     def sample(self, x0: torch.Tensor, t: torch.Tensor, generator: GeneratorLike = None) -> PathSample:
-        tb = _broadcast_time(t, x0) / self.T
+        tb = per_row(t, x0) / self.T
         noise = rng.randn(x0.shape, generator, dtype=x0.dtype, device=x0.device)
         return PathSample((1 - tb) * x0 + tb * noise, (noise - x0) / self.T, noise)
 
@@ -155,7 +156,7 @@ class VPPath:
         return alpha, sigma, dalpha, dsigma
 
     def sample(self, x0: torch.Tensor, t: torch.Tensor, generator: GeneratorLike = None) -> PathSample:
-        tb = torch.clamp(_broadcast_time(t, x0), min=self.t_min)
+        tb = torch.clamp(per_row(t, x0), min=self.t_min)
         alpha, sigma, dalpha, dsigma = self.alpha_sigma(tb)
         noise = rng.randn(x0.shape, generator, dtype=x0.dtype, device=x0.device)
         return PathSample(alpha * x0 + sigma * noise, dalpha * x0 + dsigma * noise, noise)
@@ -168,14 +169,14 @@ class VPPath:
 
         The determinant ``α σ' - σ α' = -α'/σ`` (since ``α² + σ² = 1``) is non-zero for ``t ∈ (0, T]``.
         """
-        alpha, sigma, dalpha, dsigma = self.alpha_sigma(_broadcast_time(t, x))
+        alpha, sigma, dalpha, dsigma = self.alpha_sigma(per_row(t, x))
         det = alpha * dsigma - sigma * dalpha
         return (dsigma * x - sigma * u) / det, (alpha * u - dalpha * x) / det
 
     def ddim_step(self, x: torch.Tensor, t: torch.Tensor, s: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         """The exact deterministic DDIM update from ``t`` to ``s < t``: ``x_s = α_s·x̂0 + σ_s·ε̂``."""
         x0_hat, eps_hat = self.predict(x, t, u)
-        alpha_s, sigma_s, _, _ = self.alpha_sigma(_broadcast_time(s, x))
+        alpha_s, sigma_s, _, _ = self.alpha_sigma(per_row(s, x))
         return alpha_s * x0_hat + sigma_s * eps_hat
 
     def to_config(self) -> dict:
@@ -185,15 +186,60 @@ class VPPath:
 PATH_KINDS = ("kac", "flow", "vp")
 
 
-def build_path(config: dict):
-    """A path from its ``to_config()`` dict (or a PathConfig's fields): ``kind`` is kac | flow | vp."""
-    kind = config.get("kind", "kac")
-    T = float(config.get("T", 1.0))
-    if kind == "kac":
-        process = KacProcess(config.get("kac_a", 9.0), config.get("kac_c", 3.0))
-        return KacPath(process, T, config.get("schedule", "linear"), config.get("g_schedule", "t"))
-    if kind == "flow":
-        return FlowPath(T)
-    if kind == "vp":
-        return VPPath(T, float(config.get("s", 0.008)), float(config.get("t_min", 1e-4)))
-    raise DistillKacError(f"unknown path kind {kind!r}; valid: {', '.join(PATH_KINDS)}")
+@dataclass
+class PathConfig:
+    """The probability path of a run (method.md §2): Kac constants ``a, c``, horizon ``T`` and the schedules
+    ``f`` (``schedule``) and ``g`` (``g_schedule``); ``kind`` "flow" and "vp" are the Gaussian baselines."""
+
+    kind: str = "kac"
+    kac_a: float = 9.0
+    kac_c: float = 3.0
+    T: float = 1.0
+    schedule: str = "linear"
+    g_schedule: str = "t"
+
+    @classmethod
+    def from_config(cls, config: dict) -> PathConfig:
+        """The fields of a path's ``to_config()`` dict (a VP path's ``s`` and ``t_min`` are not among them)."""
+        known = {item.name for item in fields(cls)}
+        return cls(**{key: value for key, value in config.items() if key in known})
+
+    def validate(self) -> None:
+        """Raise DistillKacError (one line, naming the field) for a nonsense value."""
+        if self.kind not in PATH_KINDS:
+            _refuse("kind", f"must be one of {', '.join(PATH_KINDS)}", self.kind)
+        for name in ("kac_a", "kac_c", "T"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+                    and value > 0):
+                _refuse(name, "must be a finite number > 0", value)
+        if self.kind != "kac" and self.T != 1.0:
+            _refuse("T", f"the {self.kind} baseline is defined on [0, 1]; T must be 1", self.T)
+        if self.schedule not in F_SCHEDULES:
+            _refuse("schedule", f"must be one of {', '.join(sorted(F_SCHEDULES))}", self.schedule)
+        if self.g_schedule not in G_SCHEDULES:
+            _refuse("g_schedule", f"must be one of {', '.join(sorted(G_SCHEDULES))}", self.g_schedule)
+
+    def build(self) -> KacPath | FlowPath | VPPath:
+        """The path (a VP path with its default ``s`` and ``t_min``)."""
+        T = float(self.T)
+        if self.kind == "kac":
+            return KacPath(KacProcess(self.kac_a, self.kac_c), T, self.schedule, self.g_schedule)
+        if self.kind == "flow":
+            return FlowPath(T)
+        if self.kind == "vp":
+            return VPPath(T)
+        raise DistillKacError(f"unknown path kind {self.kind!r}; valid: {', '.join(PATH_KINDS)}")
+
+
+def _refuse(name: str, rule: str, value) -> None:
+    raise DistillKacError(f"path.{name}: {rule}, got {value!r}")
+
+
+def build_path(config: PathConfig | dict) -> KacPath | FlowPath | VPPath:
+    """A path from a PathConfig or from a path's ``to_config()`` dict (as artefacts store it)."""
+    if isinstance(config, PathConfig):
+        return config.build()
+    if config.get("kind") == "vp":
+        return VPPath(float(config.get("T", 1.0)), float(config.get("s", 0.008)), float(config.get("t_min", 1e-4)))
+    return PathConfig.from_config(config).build()

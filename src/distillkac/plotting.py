@@ -6,12 +6,12 @@ import io
 import os
 from typing import Any
 
-from distillkac.checkpoint import atomic_write_bytes
+from distillkac.files import atomic_write_bytes
 
 
 def agg_pyplot() -> Any:
     """``matplotlib.pyplot`` on the Agg backend (renders to files; needs no display)."""
-    import matplotlib
+    import matplotlib  # imported on first use: slow to import, and the backend must be set before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

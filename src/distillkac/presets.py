@@ -2,7 +2,8 @@
 
 A ``RunConfig`` is what a run directory's ``config.json`` holds (plus an ``"environment"`` record
 written by the training loop); ``to_dict()`` / ``from_dict()`` round-trip it through JSON and
-``validate()`` rejects nonsense with a one-line ``DistillKacError`` naming the field.
+``validate()`` rejects nonsense with a one-line ``DistillKacError`` naming the field. A ``DistillConfig``
+describes a whole distillation; each of its stages is a RunConfig with the teacher's network and path.
 
 Batch sizes are GLOBAL (EDM practice): ``train.batch`` images per optimiser step whatever the number
 of processes, cut into fixed micro-batches of ``train.micro_batch`` images (see train.py for why this
@@ -13,21 +14,31 @@ does not change with the batch size: ``beta = 0.5 ** (batch / ema_halflife_image
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from distillkac.data import DataConfig
 from distillkac.errors import DistillKacError
 from distillkac.fields import dataclass_from_dict
-from distillkac.nets import REFERENCE_CONFIGS, MLPConfig, NetworkConfig, UNetConfig, network_config_from_dict
-from distillkac.paths import F_SCHEDULES, G_SCHEDULES, PATH_KINDS
+from distillkac.nets import (
+    REFERENCE_CONFIGS,
+    MLPConfig,
+    NetworkConfig,
+    UNetConfig,
+    config_parameter_count,
+    network_config_from_dict,
+)
+from distillkac.paths import PathConfig
+from distillkac.runtime import PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16")
 CHANNELS_LAST = ("auto", "on", "off")
 PREVIEW_SOLVERS = ("euler", "ab2", "heun", "midpoint", "ddim")
+START_STATES = ("data", "rollout")
 
 
 def ema_halflife_for_decay(decay: float, batch: int) -> float:
@@ -45,33 +56,6 @@ def _is_int(value: Any) -> bool:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass
-class PathConfig:
-    """The probability path (method.md §2): Kac constants ``a, c``, horizon ``T`` and the schedules
-    ``f`` (``schedule``) and ``g`` (``g_schedule``); ``kind`` "flow" and "vp" are the Gaussian baselines."""
-
-    kind: str = "kac"
-    kac_a: float = 9.0
-    kac_c: float = 3.0
-    T: float = 1.0
-    schedule: str = "linear"
-    g_schedule: str = "t"
-
-    def validate(self) -> None:
-        if self.kind not in PATH_KINDS:
-            _fail("path.kind", f"must be one of {', '.join(PATH_KINDS)}", self.kind)
-        for name in ("kac_a", "kac_c", "T"):
-            value = getattr(self, name)
-            if not (_is_number(value) and value > 0):
-                _fail(f"path.{name}", "must be a finite number > 0", value)
-        if self.kind != "kac" and self.T != 1.0:
-            _fail("path.T", f"the {self.kind} baseline is defined on [0, 1]; T must be 1", self.T)
-        if self.schedule not in F_SCHEDULES:
-            _fail("path.schedule", f"must be one of {', '.join(sorted(F_SCHEDULES))}", self.schedule)
-        if self.g_schedule not in G_SCHEDULES:
-            _fail("path.g_schedule", f"must be one of {', '.join(sorted(G_SCHEDULES))}", self.g_schedule)
 
 
 @dataclass
@@ -165,8 +149,59 @@ RESUMABLE_TRAIN_FIELDS = ("steps", "log_every", "ckpt_every", "sample_every", "p
 
 
 @dataclass
+class DistillConfig:
+    """A distillation (stages.py): the plan of step counts (teacher first), the CFG weight baked into the
+    students, where the start states ``x_{t_k}`` come from, the optimiser steps of each stage (one count
+    for all, or one per stage), the prior draws of the path-closeness curve, and the optimiser and loop
+    that every stage shares. A stage runs ``train`` at its own length (``train.steps`` is not used)."""
+
+    plan: tuple[int, ...] = (100, 20, 4, 2, 1)
+    guidance: float = 0.0
+    start_states: str = "data"
+    steps_per_stage: int | tuple[int, ...] = 10_000
+    closeness_samples: int = 256
+    optim: OptimConfig = field(default_factory=partial(OptimConfig, lr=1e-4, warmup_images=0))
+    train: TrainConfig = field(default_factory=partial(TrainConfig, ema_halflife_images=100_000.0,
+                                                       ckpt_every=1000, sample_every=1000))
+
+    def validate(self) -> DistillConfig:
+        """Refuse nonsense in the distillation's own fields (``optim`` and ``train`` are validated with
+        each stage's RunConfig); returns self."""
+        if self.start_states not in START_STATES:
+            raise DistillKacError(f"--start-states: must be one of {', '.join(START_STATES)}, "
+                                  f"got {self.start_states!r}")
+        if not (isinstance(self.closeness_samples, int) and self.closeness_samples >= 1):
+            raise DistillKacError(f"--closeness-samples: must be a positive integer, got {self.closeness_samples!r}")
+        if not (isinstance(self.guidance, int | float) and math.isfinite(self.guidance) and self.guidance >= 0):
+            raise DistillKacError(f"--guidance: must be a finite number >= 0, got {self.guidance!r}")
+        counts = self.steps_per_stage if isinstance(self.steps_per_stage, tuple) else (self.steps_per_stage,)
+        if isinstance(self.steps_per_stage, tuple) and len(counts) != len(self.plan) - 1:
+            raise DistillKacError(f"--steps-per-stage: give one count, or one per stage ({len(self.plan) - 1} for "
+                                  f"the plan {','.join(map(str, self.plan))}), got {len(counts)}")
+        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
+            raise DistillKacError(f"--steps-per-stage: must be positive integers, got {self.steps_per_stage!r}")
+        return self
+
+    def stage_steps(self, stage) -> int:
+        """Optimiser steps of ``stage`` (a :class:`distillkac.distill.Stage`, numbered from 1)."""
+        if isinstance(self.steps_per_stage, tuple):
+            return self.steps_per_stage[stage.index - 1]
+        return self.steps_per_stage
+
+    def with_changes(self, changes: Mapping[str, Any]) -> DistillConfig:
+        """A copy with ``changes`` applied; a key is a field name, or ``optim.<name>`` / ``train.<name>``."""
+        parts: dict[str, dict[str, Any]] = {"": {}, "optim": {}, "train": {}}
+        for name, value in changes.items():
+            part, _, key = name.rpartition(".")
+            parts[part][key] = value
+        return dataclasses.replace(self, optim=dataclasses.replace(self.optim, **parts["optim"]),
+                                   train=dataclasses.replace(self.train, **parts["train"]), **parts[""])
+
+
+@dataclass
 class RunConfig:
-    """Everything that defines a run: data, network, path, optimiser, loop (and a distillation part)."""
+    """Everything that defines a run: data, network, path, optimiser, loop (and, for a distillation stage,
+    its record: stage, step counts, guidance, start states and the teacher's identity)."""
 
     data: DataConfig
     net: NetworkConfig
@@ -349,8 +384,6 @@ def describe_net(net: NetworkConfig) -> str:
 
 def hyperparameter_table() -> str:
     """A Markdown table of the presets (the README copies it; a test checks they agree)."""
-    from distillkac.nets import config_parameter_count
-
     header = ("| preset | data | network | params | path (a, c, T) | batch (micro) | lr | warm-up images "
               "| steps | EMA half-life (images) | label dropout | grad clip |")
     rows = [header, "|" + "---|" * 12]
@@ -365,3 +398,60 @@ def hyperparameter_table() -> str:
                     f"{cfg.train.steps:,} | {cfg.train.ema_halflife_images:,.0f} | "
                     f"{cfg.train.label_dropout:g} | {cfg.optim.grad_clip:g} |")
     return "\n".join(rows) + "\n"
+
+
+# ----------------------------------------------------------------------------- distillation presets
+
+_PLAN = (100, 20, 4, 2, 1)
+
+
+def _image_distill(guidance: float) -> DistillConfig:
+    """The CIFAR-10 / CelebA 64 distillation (32x32 and 64x64 ADM UNets)."""
+    return DistillConfig(
+        plan=_PLAN, guidance=guidance, steps_per_stage=50_000, closeness_samples=256,
+        optim=OptimConfig(lr=1e-4, warmup_images=64_000),
+        train=TrainConfig(batch=128, micro_batch=32, ema_halflife_images=500_000.0, ema_rampup=0.05, log_every=100,
+                          ckpt_every=5000, sample_every=5000))
+
+
+DISTILL_PRESETS: dict[str, DistillConfig] = {
+    # Sized for 2 CPU cores: the four stages of 100 -> 1 step together take about 6 minutes.
+    "digits": DistillConfig(
+        plan=_PLAN, guidance=1.0, steps_per_stage=(80, 200, 300, 300), closeness_samples=200,
+        optim=OptimConfig(lr=5e-4, warmup_images=0),
+        train=TrainConfig(batch=64, micro_batch=64, ema_halflife_images=1000.0, ema_rampup=None, log_every=20,
+                          ckpt_every=120, sample_every=240)),
+    "toy2d": DistillConfig(
+        plan=(50, 10, 2, 1), guidance=0.0, steps_per_stage=300, closeness_samples=1000,
+        optim=OptimConfig(lr=1e-3, warmup_images=0),
+        train=TrainConfig(batch=256, micro_batch=256, ema_halflife_images=5000.0, ema_rampup=None, log_every=50,
+                          ckpt_every=150, sample_every=300)),
+    # Image presets follow the teacher recipes (method.md §5) at a progressive-distillation length.
+    "cifar10": _image_distill(guidance=1.0),
+    "celeba64": _image_distill(guidance=0.0),
+    "lsun-bedroom256": DistillConfig(
+        plan=_PLAN, guidance=0.0, steps_per_stage=50_000, closeness_samples=64,
+        optim=OptimConfig(lr=2e-5, warmup_images=32_000),
+        train=TrainConfig(batch=64, micro_batch=8, ema_halflife_images=250_000.0, ema_rampup=0.05, log_every=100,
+                          ckpt_every=5000, sample_every=10_000)),
+}
+"""Distillation configs per teacher preset (keyed like ``PRESETS``; use :func:`get_distill_preset`)."""
+
+
+def preset_key(data: DataConfig) -> str:
+    """The DISTILL_PRESETS key of a teacher trained on ``data`` (folders: by resolution)."""
+    if data.name in DISTILL_PRESETS:
+        return data.name
+    by_resolution = {64: "celeba64", 256: "lsun-bedroom256"}
+    if data.name == "folder" and data.resolution in by_resolution:
+        return by_resolution[data.resolution]
+    raise DistillKacError(f"--preset: no distillation preset for the teacher's data {data.name!r} "
+                          f"(resolution {data.resolution}); choose one of {', '.join(DISTILL_PRESETS)}")
+
+
+def get_distill_preset(name: str) -> DistillConfig:
+    """A private copy of distillation preset ``name``."""
+    if name not in DISTILL_PRESETS:
+        raise DistillKacError(f"--preset: unknown distillation preset {name!r}; "
+                              f"choose one of {', '.join(DISTILL_PRESETS)}")
+    return copy.deepcopy(DISTILL_PRESETS[name])

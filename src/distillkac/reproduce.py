@@ -27,7 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distillkac.checkpoint import Artifact, read_artifact_meta
+from distillkac.distill import plan_stages
 from distillkac.errors import DistillKacError
+from distillkac.jobs import Job, run_jobs
+from distillkac.metrics.fid import WEIGHTS_ENV
+from distillkac.nets import REFERENCE_CONFIGS
+from distillkac.nfe_table import read_results
+from distillkac.presets import get_distill_preset, get_preset
+from distillkac.stages import stage_finished
 
 PHASES = ("train", "sample", "inception")
 FID_NUM = 50_000
@@ -83,8 +91,6 @@ def _benchmark_files(results_dir: Path) -> list[Path]:
 
 def _benchmark_value(file: Path, phase: str) -> float | None:
     """The best measured CIFAR-10-network throughput for ``phase`` in a benchmark results file."""
-    from distillkac.nets import REFERENCE_CONFIGS
-
     try:
         record = json.loads(file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -183,16 +189,13 @@ class Plan:
 def build_plan(dataset: str, data: str, outdir: str | os.PathLike, inception_weights: str | None,
                num: int = FID_NUM) -> Plan:
     """Every step of the paper-scale plan for ``dataset`` (nothing is created)."""
-    from distillkac.distill import get_distill_preset, plan_stages
-    from distillkac.presets import get_preset
-
     target = get_target(dataset)
     teacher_config, settings = get_preset(target.preset), get_distill_preset(target.preset)
     out = Path(outdir)
     teacher_dir, distill_dir, eval_dir = out / "teacher", out / "distill", out / EVAL_DIR
     reference = out / "ref" / f"{dataset}-train.npz"
     weights = ["--inception-weights", inception_weights] if inception_weights else []
-    guidance = settings.guidance
+    guidance, batch = settings.guidance, settings.train.batch
     ref_argv = ["ref", "--dataset", target.ref_dataset, "--data", data, "--split", "train", "--out", str(reference)]
     if target.ref_resolution is not None:
         ref_argv += ["--resolution", str(target.ref_resolution)]
@@ -210,17 +213,17 @@ def build_plan(dataset: str, data: str, outdir: str | os.PathLike, inception_wei
         stage_dir = distill_dir / stage.name
         stage_steps = settings.stage_steps(stage)
         calls = 2 if guidance and stage.index == 1 else 1
-        teacher_forwards = stage_steps * settings.batch * stage.segment * calls
+        teacher_forwards = stage_steps * batch * stage.segment * calls
         closeness = settings.closeness_samples * (stage.teacher_steps * calls + stage.student_steps)
         steps.append(Step(
             f"distill stage {stage.index}",
             ["distill", "--teacher", str(teacher_dir), "--outdir", str(distill_dir), "--preset", target.preset,
              "--stage", str(stage.index)],
-            {"train": stage_steps * settings.batch, "sample": teacher_forwards + closeness},
-            f"{stage.teacher_steps} -> {stage.student_steps} steps: {stage_steps:,} steps x batch {settings.batch}, "
+            {"train": stage_steps * batch, "sample": teacher_forwards + closeness},
+            f"{stage.teacher_steps} -> {stage.student_steps} steps: {stage_steps:,} steps x batch {batch}, "
             f"teacher {stage.segment} step(s) x {calls} forward(s) per example",
             _stage_finished(stage_dir, stage_steps), preset=f"DISTILL_PRESETS[{target.preset!r}]"))
-        steps.append(_eval_step(f"eval stage {stage.index}", stage_dir / "artifact", stage.student_steps, "euler",
+        steps.append(_eval_step(f"eval stage {stage.index}", stage_dir / Artifact.DIR, stage.student_steps, "euler",
                                 guidance, stage.student_steps, reference, eval_dir, weights, num))
     notes = [f"guidance w = {guidance:g} (the distillation preset's; baked into the students)",
              f"{target.source}: the image count is nominal; `ref` and `train` use what --data holds"]
@@ -238,26 +241,16 @@ def _eval_step(name: str, checkpoint: Path, steps: int, solver: str, guidance: f
 
 
 def _trained(run_dir: Path, steps: int) -> bool:
-    from distillkac.checkpoint import read_artifact_meta
-
-    if not (run_dir / "artifact" / "config.json").is_file():
-        return False
-    return int(read_artifact_meta(run_dir / "artifact").get("train_step", 0)) >= steps
+    return Artifact.trained_steps(run_dir) >= steps
 
 
 def _stage_finished(stage_dir: Path, steps: int) -> Callable[[], bool]:
-    from distillkac.distill import stage_finished
-
     return lambda: stage_finished(stage_dir, steps)
 
 
 def _evaluated(eval_dir: Path, checkpoint: Path, steps: int, solver: str, num: int) -> bool:
-    from distillkac.checkpoint import read_artifact_meta
-    from distillkac.evaluate import read_results
-    from distillkac.sampling import artifact_dir
-
-    directory = artifact_dir(checkpoint)
-    if not (directory / "config.json").is_file():
+    directory = Artifact.locate(checkpoint)
+    if not (directory / Artifact.META).is_file():
         return False
     sha = read_artifact_meta(directory)["weights_sha256"]
     return any(row.get("model_sha256") == sha and row.get("metric") == "fid" and int(row.get("num", 0)) == num
@@ -291,29 +284,31 @@ def describe_plan(plan: Plan, throughput: Throughput, gpus: int) -> str:
 
 
 def run_plan(plan: Plan, gpus: int, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Run every unfinished step in order (python -m distillkac, or torchrun with several GPUs)."""
-    outcomes = []
-    for number, step in enumerate(plan.steps, start=1):
-        command = step.command(gpus)
-        if step.finished():
-            echo(f"[{number}/{len(plan.steps)}] {step.name}: finished earlier; skipped")
-            outcomes.append({"step": step.name, "skipped": True})
-            continue
-        echo(f"[{number}/{len(plan.steps)}] {step.name}: $ {shlex.join(command)}")
-        if command[0] == "distillkac":
-            command = [sys.executable, "-m", "distillkac", *command[1:]]
-        code = subprocess.run(command, check=False).returncode
-        if code != 0:
-            raise DistillKacError(f"reproduce: step {number} ({step.name}) failed with exit code {code}; "
-                                  f"fix the cause and rerun the same command to resume")
-        outcomes.append({"step": step.name, "skipped": False})
-    return outcomes
+    """Run every unfinished step (python -m distillkac, or torchrun with several GPUs) as a job, here and in
+    order: each step takes all the GPUs and needs the ones before it; the first failure stops the plan."""
+    total = len(plan.steps)
+    jobs = [Job(step.name, _run_step, (step, number, total, gpus, echo))
+            for number, step in enumerate(plan.steps, start=1)]
+    return list(run_jobs(jobs).values())
+
+
+def _run_step(step: Step, number: int, total: int, gpus: int, echo: Callable[[str], None]) -> dict[str, Any]:
+    command = step.command(gpus)
+    if step.finished():
+        echo(f"[{number}/{total}] {step.name}: finished earlier; skipped")
+        return {"step": step.name, "skipped": True}
+    echo(f"[{number}/{total}] {step.name}: $ {shlex.join(command)}")
+    if command[0] == "distillkac":
+        command = [sys.executable, "-m", "distillkac", *command[1:]]
+    code = subprocess.run(command, check=False).returncode
+    if code != 0:
+        raise DistillKacError(f"reproduce: step {number} ({step.name}) failed with exit code {code}; "
+                              f"fix the cause and rerun the same command to resume")
+    return {"step": step.name, "skipped": False}
 
 
 def check_inputs(data: str, inception_weights: str | None, for_real: bool) -> str | None:
     """The Inception weights (option, else $DISTILLKAC_INCEPTION_WEIGHTS); paths must exist to run."""
-    from distillkac.metrics import WEIGHTS_ENV
-
     weights = inception_weights or os.environ.get(WEIGHTS_ENV)
     if not weights:
         raise DistillKacError(f"--inception-weights: required (the FID network's weights file), or set "

@@ -8,7 +8,6 @@ conditional and the null label go through the network together).
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import os
@@ -19,17 +18,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
+from tqdm import tqdm
 
-from distillkac.checkpoint import atomic_write_bytes, load_artifact
+from distillkac.checkpoint import Artifact, load_artifact
 from distillkac.data import to_uint8
 from distillkac.errors import DistillKacError
+from distillkac.files import atomic_write_bytes
 from distillkac.guidance import check_guidance, guided_velocity
 from distillkac.paths import build_path
+from distillkac.plotting import agg_pyplot, save_figure_png
 from distillkac.rng import seeded_generators
+from distillkac.runtime import autocast, resolve_device
 from distillkac.solvers import SOLVERS, solve, time_grid
-
-DEFAULT_TEACHER_STEPS = 100
 
 
 @dataclass
@@ -46,23 +48,14 @@ class SampleResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` -> CUDA when available, else the CPU."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise DistillKacError(f"--device: unknown device {device!r}; use auto, cpu, cuda or cuda:N") from err
-
-
 def generate(model: nn.Module, path, *, seeds: Sequence[int], labels: torch.Tensor | Sequence[int] | None,
              steps: int, solver: str = "ab2", guidance: float = 0.0, grid: str = "uniform",
-             batch_size: int = 256, device: str | torch.device = "cpu",
+             batch_size: int = 256, device: str | torch.device = "cpu", precision: str = "auto",
              on_step: Callable | None = None, progress: bool = False) -> SampleResult:
     """Integrate the model's (guided) velocity from the prior at ``T`` to 0, one seed per sample.
 
     ``labels``: one class per seed (``None``: the null label, e.g. for unconditional models).
+    ``precision``: auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16.
     ``on_step(k, t_k, x_k, u_k)`` is passed to the solver for every batch.
     """
     seeds = [int(s) for s in seeds]
@@ -82,10 +75,8 @@ def generate(model: nn.Module, path, *, seeds: Sequence[int], labels: torch.Tens
     chunks, evaluations = [], 0
     starts = range(0, len(seeds), batch_size)
     if progress:
-        from tqdm import tqdm
-
         starts = tqdm(starts, desc="sampling", unit="batch", dynamic_ncols=True)
-    with torch.no_grad(), _autocast(device):
+    with torch.no_grad(), autocast(device, precision):
         for start in starts:
             batch_seeds = seeds[start:start + batch_size]
             y = labels[start:start + batch_size].to(device)
@@ -101,12 +92,6 @@ def generate(model: nn.Module, path, *, seeds: Sequence[int], labels: torch.Tens
     nfe = evaluations * (2 if weight != 0 else 1)
     return SampleResult(samples=torch.cat(chunks), labels=labels, seeds=seeds, nfe_per_sample=nfe,
                         steps=int(steps), solver=solver, guidance=weight)
-
-
-def _autocast(device: torch.device):
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def _check_labels(labels, count: int, num_classes: int) -> torch.Tensor:
@@ -135,61 +120,28 @@ def cycle_labels(count: int, num_classes: int, classes: Sequence[int] | None = N
     return torch.arange(count, dtype=torch.long) % num_classes
 
 
-def artifact_dir(path: str | os.PathLike) -> Path:
-    """An artefact directory given itself or a run directory holding ``artifact/``."""
-    path = Path(path)
-    if (path / "artifact" / "config.json").is_file() and not (path / "model.safetensors").is_file():
-        return path / "artifact"
-    return path
-
-
 def sample_artifact(artifact: str | os.PathLike | tuple[nn.Module, dict], *, seeds: Sequence[int],
                     labels=None, steps: int | None = None, solver: str | None = None,
                     guidance: float | None = None, grid: str | None = None, batch_size: int = 256,
-                    device: str | torch.device = "cpu", on_step: Callable | None = None,
+                    device: str | torch.device = "cpu", precision: str = "auto", on_step: Callable | None = None,
                     progress: bool = False) -> SampleResult:
     """Sample a saved model (a directory, a run directory, or ``(model, meta)`` from load_artifact).
 
-    A student (meta ``kind == "student"``) has its steps, grid, Euler solver and guidance fixed by its
-    meta (asking for anything else is an error); a teacher or baseline uses ``steps`` (default 100),
-    ``solver`` (default AB-2), ``guidance`` (default 0) and ``grid`` (default uniform) as given.
+    The settings are resolved by :meth:`Artifact.sampling`: a student samples only as it was distilled
+    (asking for anything else is an error); a teacher or baseline uses ``steps`` (default 100), ``solver``
+    (default AB-2), ``guidance`` (default 0) and ``grid`` (default uniform) as given.
     """
     if isinstance(artifact, tuple):
         model, meta = artifact
     else:
-        model, meta = load_artifact(artifact_dir(artifact), device=resolve_device(device))
-    path = build_path(meta["path"])
-    if meta.get("kind") == "student":
-        steps, solver, guidance, grid = _student_settings(meta, steps, solver, guidance, grid)
-        weight_for_solver = 0.0
-    else:
-        steps = DEFAULT_TEACHER_STEPS if steps is None else steps
-        solver = solver or "ab2"
-        guidance = 0.0 if guidance is None else guidance
-        grid = grid or "uniform"
-        weight_for_solver = guidance
-    result = generate(model, path, seeds=seeds, labels=labels, steps=steps, solver=solver,
-                      guidance=weight_for_solver, grid=grid, batch_size=batch_size, device=device,
-                      on_step=on_step, progress=progress)
-    result.guidance = float(guidance)
+        model, meta = load_artifact(Artifact.locate(artifact), device=resolve_device(device))
+    plan = Artifact(meta).sampling(steps, solver, guidance, grid)
+    result = generate(model, build_path(meta["path"]), seeds=seeds, labels=labels, steps=plan.steps,
+                      solver=plan.solver, guidance=plan.forward_guidance, grid=plan.grid, batch_size=batch_size,
+                      device=device, precision=precision, on_step=on_step, progress=progress)
+    result.guidance = float(plan.guidance)
     result.meta = meta
     return result
-
-
-def _student_settings(meta: dict, steps, solver, guidance, grid) -> tuple[int, str, float, str]:
-    fixed_steps, fixed_grid = int(meta["steps"]), meta.get("grid", "uniform")
-    baked = float(meta.get("guidance", 0.0))
-    if steps is not None and steps != fixed_steps:
-        raise DistillKacError(f"--steps: this student was distilled for {fixed_steps} step(s); "
-                              f"it cannot sample with {steps}")
-    if solver is not None and solver != "euler":
-        raise DistillKacError(f"--solver: a student samples with its Euler steps only, not {solver!r}")
-    if guidance is not None and guidance != 0 and guidance != baked:
-        raise DistillKacError(f"--guidance: this student has guidance w={baked:g} baked in; "
-                              f"leave --guidance unset")
-    if grid is not None and grid != fixed_grid:
-        raise DistillKacError(f"grid: this student was distilled on the {fixed_grid!r} grid, not {grid!r}")
-    return fixed_steps, "euler", baked, fixed_grid
 
 
 # ------------------------------------------------------------------------------------------- files
@@ -198,8 +150,6 @@ def save_grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int | Non
                   scale: int | None = None) -> None:
     """Images ``[N, C, H, W]`` (float in [-1, 1] or uint8) as one PNG grid, ``nrow`` images per row,
     1-pixel gaps; small images are enlarged ``scale`` times (default: to at least 32 pixels)."""
-    from PIL import Image
-
     images = to_uint8(images.detach().cpu())
     count, channels, height, width = images.shape
     nrow = nrow or max(1, int(np.ceil(np.sqrt(count))))
@@ -221,8 +171,6 @@ def save_grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int | Non
 def save_scatter_png(points: torch.Tensor, path: str | os.PathLike, labels: torch.Tensor | None = None,
                      title: str | None = None, limit: float = 1.5) -> None:
     """2-D points as a scatter plot (matplotlib, Agg backend), coloured by label."""
-    from distillkac.plotting import agg_pyplot, save_figure_png
-
     plt = agg_pyplot()
     points = points.detach().float().cpu().numpy()
     figure, axes = plt.subplots(figsize=(5, 5), dpi=100)

@@ -1,7 +1,8 @@
 """Time grids and ODE solvers for ``dx/dt = u(x, t)``, integrated from ``t = T`` down to 0 (method.md §3).
 
-A grid ``T = t_0 > t_1 > … > t_N = 0`` has N steps (never ``linspace(T, 0, N)``, which has N-1). The
-velocity function takes ``(x, t)`` with ``t`` a ``[B]`` tensor; solvers count its calls exactly.
+A grid ``T = t_0 > t_1 > … > t_N = 0`` has N steps (never ``linspace(T, 0, N)``, which has N-1); a solve may
+also cover a segment ``t_0 > … > t_N ≥ 0`` of it, shared by all rows or one per row (distillation targets).
+The velocity function takes ``(x, t)`` with ``t`` a ``[B]`` tensor; solvers count its calls exactly.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from distillkac.errors import DistillKacError
+from distillkac.paths import per_row
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-StepHook = Callable[[int, float, torch.Tensor, torch.Tensor], None]
+StepHook = Callable[[int, float | torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 GRID_KINDS = ("uniform", "quadratic")
 # Velocity evaluations per step (AB-2 reuses the previous step's evaluation).
@@ -42,19 +44,33 @@ def time_grid(steps: int, T: float = 1.0, kind: str = "uniform") -> torch.Tensor
     raise DistillKacError(f"unknown grid {kind!r}; valid: {', '.join(GRID_KINDS)}")
 
 
-def check_grid(grid) -> torch.Tensor:
-    """A custom grid: strictly decreasing, finite, ending at 0."""
+def check_grid(grid, batch: int) -> torch.Tensor:
+    """A custom grid as float64: one for every row (``[steps + 1]``) or one per row (``[batch, steps + 1]``),
+    finite, strictly decreasing along the steps and non-negative."""
     grid = torch.as_tensor(grid, dtype=torch.float64)
-    if grid.dim() != 1 or grid.numel() < 2:
-        raise DistillKacError("grid must be a 1-D sequence of at least two times")
-    if not bool(torch.isfinite(grid).all()) or not bool((grid[1:] < grid[:-1]).all()) or grid[-1] != 0:
-        raise DistillKacError("grid must be finite, strictly decreasing and end at 0")
+    if grid.dim() not in (1, 2) or grid.shape[-1] < 2 or (grid.dim() == 2 and grid.shape[0] != batch):
+        raise DistillKacError(f"grid must hold at least two times, shared ([steps + 1]) or one row per sample "
+                              f"([{batch}, steps + 1]), got shape {list(grid.shape)}")
+    if not bool(torch.isfinite(grid).all()) or not bool((grid[..., 1:] < grid[..., :-1]).all()) \
+            or bool((grid[..., -1] < 0).any()):
+        raise DistillKacError("grid must be finite, strictly decreasing and non-negative")
     return grid
+
+
+def batch_times(time: float | torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A grid time as the ``[B]`` tensor a velocity takes (``like``'s dtype and device): ``time`` is one
+    time for every row (a float) or one per row (a ``[B]`` tensor)."""
+    if isinstance(time, torch.Tensor):
+        return time.to(dtype=like.dtype, device=like.device)
+    return torch.full((like.shape[0],), time, dtype=like.dtype, device=like.device)
 
 
 def solve(velocity: VelocityFn, x: torch.Tensor, grid, method: str = "ab2", path=None,
           on_step: StepHook | None = None) -> SolveResult:
-    """Integrate from ``grid[0]`` to ``grid[-1]``.
+    """Integrate from ``grid[..., 0]`` to ``grid[..., -1]``, with step sizes ``h_k = t_k - t_{k+1}``.
+
+    ``grid`` is shared by all rows of ``x`` (``[steps + 1]``) or one per row (``[B, steps + 1]``: every row
+    takes the same number of steps on its own times; its ``h_k`` is then a per-row tensor in x's dtype).
 
     - ``euler``: ``x_{k+1} = x_k - h_k·u_k``.
     - ``ab2`` (Adams–Bashforth 2, variable steps, Euler first step):
@@ -62,24 +78,26 @@ def solve(velocity: VelocityFn, x: torch.Tensor, grid, method: str = "ab2", path
     - ``heun``: ``x_{k+1} = x_k - h_k/2·(u_k + u(x_k - h_k·u_k, t_{k+1}))`` (Euler predictor, trapezoidal corrector).
     - ``midpoint``: ``x_{k+1} = x_k - h_k·u(x_k - h_k/2·u_k, t_k - h_k/2)``.
     - ``ddim``: the exact deterministic DDIM update of a :class:`~distillkac.paths.VPPath` (``path``).
-    ``on_step(k, t_k, x_k, u_k)`` sees the velocity at each grid point (for diagnostics).
+    ``on_step(k, t_k, x_k, u_k)`` sees the velocity at each grid point (for diagnostics; ``t_k`` is a float,
+    or the rows' ``[B]`` times for a per-row grid).
     """
     if method not in EVALUATIONS_PER_STEP:
         raise DistillKacError(f"unknown solver {method!r}; valid: {', '.join(SOLVERS)}")
     if method == "ddim" and not hasattr(path, "ddim_step"):
         raise DistillKacError("solver 'ddim' needs the VP diffusion path (path kind 'vp')")
-    grid = check_grid(grid)
-    times = grid.tolist()
+    grid = check_grid(grid, x.shape[0])
+    times = grid.tolist() if grid.dim() == 1 else list(grid.to(x.device).T)
     evaluations = 0
 
-    def evaluate(state: torch.Tensor, time: float) -> torch.Tensor:
+    def evaluate(state: torch.Tensor, time: float | torch.Tensor) -> torch.Tensor:
         nonlocal evaluations
         evaluations += 1
-        return velocity(state, torch.full((state.shape[0],), time, dtype=state.dtype, device=state.device))
+        return velocity(state, batch_times(time, state))
 
     previous_u, previous_h = None, None
     for k in range(len(times) - 1):
-        t, h = times[k], times[k] - times[k + 1]
+        t, dt = times[k], times[k] - times[k + 1]
+        h = dt if isinstance(dt, float) else per_row(dt, x)
         u = evaluate(x, t)
         if on_step is not None:
             on_step(k, t, x, u)
@@ -96,10 +114,7 @@ def solve(velocity: VelocityFn, x: torch.Tensor, grid, method: str = "ab2", path
             predicted = x - h * u
             x = x - 0.5 * h * (u + evaluate(predicted, times[k + 1]))
         elif method == "midpoint":
-            x = x - h * evaluate(x - 0.5 * h * u, t - 0.5 * h)
+            x = x - h * evaluate(x - 0.5 * h * u, t - 0.5 * dt)
         else:
-            batch = x.shape[0]
-            t_now = torch.full((batch,), t, dtype=x.dtype, device=x.device)
-            t_next = torch.full((batch,), times[k + 1], dtype=x.dtype, device=x.device)
-            x = path.ddim_step(x, t_now, t_next, u)
+            x = path.ddim_step(x, batch_times(t, x), batch_times(times[k + 1], x), u)
     return SolveResult(x, evaluations)

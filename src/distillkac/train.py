@@ -26,11 +26,9 @@ import hashlib
 import json
 import math
 import os
-import platform
-import socket
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,26 +36,29 @@ from typing import Any, Protocol
 import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from distillkac.checkpoint import (
-    RunLock,
+    Artifact,
     artifact_sha256,
-    atomic_write_bytes,
-    atomic_write_json,
     load_training_state,
     portable_state_dict,
     read_artifact_meta,
-    remove_stale_temporaries,
     save_artifact,
     save_training_state,
 )
+from distillkac.data import load_dataset
 from distillkac.errors import DistillKacError
+from distillkac.files import RunLock, atomic_write_json, remove_stale_temporaries
+from distillkac.nets import build_network
+from distillkac.paths import build_path
 from distillkac.presets import RESUMABLE_TRAIN_FIELDS, RunConfig, first_difference
+from distillkac.previews import Preview, save_preview, teacher_preview
 from distillkac.rng import rand
+from distillkac.runlog import RunLog, StatsWindow
+from distillkac.runtime import autocast, environment_record, init_distributed, world_size
 
-STATE_FILE = "training-state.pt"
 STATE_FORMAT = "distillkac-training-state"
-ARTIFACT_DIR = "artifact"
 
 
 class Objective(Protocol):
@@ -108,7 +109,7 @@ class TeacherObjective:
         return (prediction.float() - point.target.float()).square().flatten(1).mean(dim=1)
 
     def artifact_meta(self) -> dict[str, Any]:
-        kind = "teacher" if self.path.name == "kac" else "baseline"
+        kind = Artifact.TEACHER if self.path.name == "kac" else Artifact.BASELINE
         return {"kind": kind, "path": self.path.to_config(), "objective": "velocity-mse",
                 "label_dropout": self.label_dropout}
 
@@ -147,73 +148,7 @@ def network_rng(seed: int, step: int, micro: int, device: torch.device) -> Itera
         yield
 
 
-# --------------------------------------------------------------------------------------- environment
-
-@dataclass
-class Distributed:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world_size > 1:
-            dist.barrier()
-
-
-def init_distributed(device_request: str) -> tuple[Distributed, torch.device]:
-    """Join the torchrun process group when ``WORLD_SIZE > 1`` (nccl on CUDA, gloo on the CPU)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_train_device(device_request, local_rank if world_size > 1 else None)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Distributed(rank, world_size, local_rank), device
-
-
-def resolve_train_device(request: str, local_rank: int | None) -> torch.device:
-    if request == "auto":
-        request = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(request)
-    except (RuntimeError, TypeError) as err:
-        raise DistillKacError(f"--device: unknown device {request!r}; use auto, cpu, cuda or cuda:N") from err
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DistillKacError("--device: cuda requested but no CUDA device is available")
-        if device.index is None:
-            device = torch.device("cuda", local_rank or 0)
-        torch.cuda.set_device(device)
-    return device
-
-
-def environment_record(device: torch.device, world_size: int) -> dict[str, Any]:
-    import numpy
-
-    import distillkac
-
-    record = {"distillkac": distillkac.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
-              "python": platform.python_version(), "platform": platform.platform(),
-              "hostname": socket.gethostname(), "device": str(device), "world_size": world_size,
-              "command": sys.argv, "cpu_threads": torch.get_num_threads()}
-    if device.type == "cuda":
-        record["device_name"] = torch.cuda.get_device_name(device)
-        record["cuda"] = torch.version.cuda
-    return record
-
-
-def autocast_for(config: RunConfig, device: torch.device):
-    precision = config.train.precision
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
+# ------------------------------------------------------------------------------------------ hardware
 
 def use_channels_last(config: RunConfig, model: nn.Module, device: torch.device) -> bool:
     setting = config.train.channels_last
@@ -221,44 +156,7 @@ def use_channels_last(config: RunConfig, model: nn.Module, device: torch.device)
     return is_image and (setting == "on" or (setting == "auto" and device.type == "cuda"))
 
 
-# -------------------------------------------------------------------------------------- the run dir
-
-class RunLog:
-    """``log.txt`` + ``stats.jsonl`` of a run (main process only) and messages above the progress bar."""
-
-    def __init__(self, run_dir: Path, enabled: bool, echo: Callable[[str], None]) -> None:
-        self.run_dir, self.enabled, self.echo = run_dir, enabled, echo
-
-    def info(self, message: str) -> None:
-        if not self.enabled:
-            return
-        self.echo(message)
-        with open(self.run_dir / "log.txt", "a", encoding="utf-8") as file:
-            file.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {message}\n")
-
-    def stats(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.run_dir / "stats.jsonl", "a", encoding="utf-8") as file:
-                file.write(json.dumps(row) + "\n")
-
-    def truncate_stats(self, step: int) -> None:
-        """Drop stats rows after ``step`` (written after the last checkpoint of an interrupted run) and
-        a row torn by a kill in the middle of its append."""
-        path = self.run_dir / "stats.jsonl"
-        if not self.enabled or not path.is_file():
-            return
-        rows = [line for line in path.read_text(encoding="utf-8").splitlines() if _row_step(line) <= step]
-        atomic_write_bytes(path, "".join(f"{line}\n" for line in rows).encode("utf-8"))
-
-
-def _row_step(line: str) -> float:
-    """The step of a stats.jsonl row; infinity (always dropped) for a blank or torn line."""
-    try:
-        row = json.loads(line)
-    except ValueError:
-        return math.inf
-    return row.get("step", 0) if isinstance(row, dict) and isinstance(row.get("step", 0), int) else math.inf
-
+# ------------------------------------------------------------------------------------------- resume
 
 def check_resume_config(stored: dict[str, Any], config: RunConfig, state_path: Path) -> None:
     """Refuse to resume when the config changed in anything but length, logging and cadence."""
@@ -272,41 +170,17 @@ def check_resume_config(stored: dict[str, Any], config: RunConfig, state_path: P
 
 # ------------------------------------------------------------------------------------------ the loop
 
-@dataclass
-class _Window:
-    """Loss and throughput since the last stats row."""
-
-    first_step: int
-    start: float
-    loss_sum: float = 0.0
-    loss_count: int = 0
-
-    def add(self, loss: float | None) -> None:
-        if loss is not None:
-            self.loss_sum += loss
-            self.loss_count += 1
-
-    def mean_loss(self) -> float | None:
-        return self.loss_sum / self.loss_count if self.loss_count else None
-
-    def images_per_second(self, step: int, batch: int, now: float) -> float:
-        return (step - self.first_step) * batch / max(now - self.start, 1e-9)
-
-    def reset(self, step: int, now: float) -> None:
-        self.first_step, self.start, self.loss_sum, self.loss_count = step, now, 0.0, 0
-
-
 class _Trainer:
     def __init__(self, config: RunConfig, run_dir: Path, model: nn.Module, objective: Objective, dataset,
-                 preview: Callable | None, progress: bool) -> None:
+                 preview: Preview | None, progress: bool) -> None:
         self.config, self.run_dir, self.objective, self.dataset = config, run_dir, objective, dataset
         self.preview, self.progress = preview, progress
         self.micro_count = config.train.batch // config.train.micro_batch
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if self.micro_count % world_size:
+        processes = world_size()
+        if self.micro_count % processes:
             raise DistillKacError(f"train.micro_batch: {self.micro_count} micro-batches per step "
                                   f"(batch {config.train.batch} / micro-batch {config.train.micro_batch}) "
-                                  f"cannot be shared by {world_size} processes; choose a multiple")
+                                  f"cannot be shared by {processes} processes; choose a multiple")
         self.dist, self.device = init_distributed(config.train.device)
         self.model = model.to(self.device)
         if use_channels_last(config, model, self.device):
@@ -333,7 +207,7 @@ class _Trainer:
         complete checkpoint are dropped, and an artefact older than the training state (the kill came
         between the two writes of a checkpoint) is rewritten from the state's EMA weights.
         """
-        state_path = self.run_dir / STATE_FILE
+        state_path = self.run_dir / Artifact.TRAINING_STATE
         if not state_path.is_file():
             self._discard_unsaved_progress(0)
             return
@@ -358,8 +232,8 @@ class _Trainer:
 
     def _artifact_matches_state(self) -> bool:
         try:
-            meta = read_artifact_meta(self.run_dir / ARTIFACT_DIR)
-            artifact_sha256(self.run_dir / ARTIFACT_DIR)
+            meta = read_artifact_meta(self.run_dir / Artifact.DIR)
+            artifact_sha256(self.run_dir / Artifact.DIR)
         except DistillKacError:
             return False
         return meta.get("train_step") == self.step
@@ -374,7 +248,7 @@ class _Trainer:
                      "nonfinite_skipped": self.skipped, "config": self.config.to_dict(),
                      "model": portable_state_dict(self.model), "ema": portable_state_dict(self.ema),
                      "optimizer": self.optimizer.state_dict()}
-            save_training_state(self.run_dir / STATE_FILE, state)
+            save_training_state(self.run_dir / Artifact.TRAINING_STATE, state)
             self.save_artifact()
             self.log.info(f"checkpoint at step {self.step}")
         self.last_saved = self.step
@@ -383,13 +257,13 @@ class _Trainer:
     def save_artifact(self) -> None:
         meta = {**self.objective.artifact_meta(), "train_step": self.step,
                 "train_images": self.step * self.config.train.batch}
-        save_artifact(self.run_dir / ARTIFACT_DIR, self.ema, meta)
+        save_artifact(self.run_dir / Artifact.DIR, self.ema, meta)
 
     def write_config(self) -> None:
         if self.dist.is_main:
             record = {**self.config.to_dict(),
                       "environment": environment_record(self.device, self.dist.world_size)}
-            atomic_write_json(self.run_dir / "config.json", record)
+            atomic_write_json(self.run_dir / Artifact.RUN_CONFIG, record)
 
     # ------------------------------------------------------------------------------------- steps
     def learning_rate(self) -> float:
@@ -424,7 +298,7 @@ class _Trainer:
             last = position == len(mine) - 1
             sync = contextlib.nullcontext() if last or self.dist.world_size == 1 else network.no_sync()
             with sync, network_rng(train.seed, self.step, micro, self.device):
-                with autocast_for(self.config, self.device):
+                with autocast(self.device, self.config.train.precision):
                     losses = self.objective.per_sample_loss(network, x0, y, generator)
                 loss_sum = losses.float().sum()
                 (loss_sum * scale).backward()
@@ -489,7 +363,7 @@ class _Trainer:
                       f"x{self.dist.world_size}, batch {train.batch} in {self.micro_count} "
                       f"micro-batches of {train.micro_batch}")
         self.model.train()
-        window = _Window(self.step, time.perf_counter())
+        window = StatsWindow(self.step, time.perf_counter())
         loss = None
         self.bar = self._progress_bar()
         try:
@@ -510,7 +384,7 @@ class _Trainer:
         self.log.info(f"done: step {self.step}, last loss {loss:.5f}")
         return self.result(loss, start_time)
 
-    def after_step(self, window: _Window, grad_norm: float, start_time: float) -> None:
+    def after_step(self, window: StatsWindow, grad_norm: float, start_time: float) -> None:
         """Stats row, preview grid and checkpoint when their cadence (or the last step) comes."""
         train = self.config.train
         final = self.step == train.steps
@@ -529,32 +403,21 @@ class _Trainer:
     def _progress_bar(self):
         if not (self.progress and self.dist.is_main):
             return None
-        from tqdm import tqdm
-
         return tqdm(total=self.config.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
                     desc=self.run_dir.name)
 
     def save_preview(self) -> None:
-        if not self.dist.is_main:
-            return
-        from distillkac.sampling import save_grid_png, save_scatter_png
-
-        samples = self.preview(self.ema, self.step).detach().float().cpu()
-        path = self.run_dir / "samples" / f"step-{self.step:07d}.png"
-        if samples.dim() == 2:
-            save_scatter_png(samples, path, title=f"step {self.step}")
-        else:
-            save_grid_png(samples, path)
+        if self.dist.is_main:
+            save_preview(self.preview(self.ema, self.step), self.run_dir, self.step)
 
     def result(self, loss: float | None, start_time: float) -> TrainResult:
         return TrainResult(run_dir=self.run_dir, step=self.step, resumed_from=self.resumed_from,
-                           artifact_dir=self.run_dir / ARTIFACT_DIR, last_loss=loss,
+                           artifact_dir=self.run_dir / Artifact.DIR, last_loss=loss,
                            nonfinite_skipped=self.skipped, wall_seconds=time.perf_counter() - start_time)
 
 
 def train(config: RunConfig, run_dir: str | os.PathLike, model: nn.Module, objective: Objective, dataset, *,
-          preview: Callable[[nn.Module, int], torch.Tensor] | None = None,
-          progress: bool = True) -> TrainResult:
+          preview: Preview | None = None, progress: bool = True) -> TrainResult:
     """Train ``model`` on ``objective`` over ``dataset`` into ``run_dir``, resuming from its training state.
 
     ``model`` must be freshly initialised (from ``config.train.seed``); on resume its weights are
@@ -579,6 +442,21 @@ def train(config: RunConfig, run_dir: str | os.PathLike, model: nn.Module, objec
             dist.destroy_process_group()
 
 
+def time_train_steps(config: RunConfig, model: nn.Module, objective: Objective, dataset, count: int) -> list[float]:
+    """Wall seconds of each of ``count`` optimiser steps of this loop (``train_step``) on a fresh ``model``,
+    single-process; writes nothing (the run directory is ``os.devnull``, so any write would fail)."""
+    trainer = _Trainer(config, Path(os.devnull), model, objective, dataset, preview=None, progress=False)
+    network = trainer.wrap()
+    trainer.model.train()
+    seconds = []
+    for _ in range(count):
+        start = time.perf_counter()
+        trainer.train_step(network)
+        trainer.step += 1
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 # --------------------------------------------------------------------------------- teacher training
 
 def resolve_config(config: RunConfig, data_shape: tuple[int, ...], num_classes: int) -> RunConfig:
@@ -593,31 +471,9 @@ def resolve_config(config: RunConfig, data_shape: tuple[int, ...], num_classes: 
     return dataclasses.replace(config, net=net).validate()
 
 
-def teacher_preview(config: RunConfig, path, num_classes: int) -> Callable[[nn.Module, int], torch.Tensor]:
-    """Preview sampler: 2000 points for toy2d, else 100 images (or 64 unconditional), fixed seeds."""
-    from distillkac.sampling import cycle_labels, generate
-
-    train = config.train
-    count = 2000 if config.net.kind == "mlp" else (10 * min(num_classes, 10) if num_classes else 64)
-    guidance = train.preview_guidance if num_classes else 0.0
-    labels = cycle_labels(count, num_classes)
-
-    def preview(model: nn.Module, step: int) -> torch.Tensor:
-        device = next(model.parameters()).device
-        return generate(model, path, seeds=range(count), labels=labels, steps=train.preview_steps,
-                        solver=train.preview_solver, guidance=guidance, device=device,
-                        batch_size=max(count, 1)).samples
-
-    return preview
-
-
 def train_teacher(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
                   dataset=None) -> TrainResult:
     """Load the data, build the network (weights from ``train.seed``) and the path, and train."""
-    from distillkac.data import load_dataset
-    from distillkac.nets import build_network
-    from distillkac.paths import build_path
-
     dataset = dataset if dataset is not None else load_dataset(config.data, "train")
     config = resolve_config(config, tuple(dataset.data_shape), dataset.num_classes)
     path = build_path(dataclasses.asdict(config.path))

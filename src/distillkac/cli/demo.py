@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from distillkac.demo import BUDGETS, REPORT_MD
+from distillkac.demo import BUDGETS, run_demo
+from distillkac.report import REPORT_MD
 
 
 def register(subparsers) -> None:
@@ -30,8 +31,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distillkac.demo import run_demo
-
     budget = args.budget or ("quick" if args.quick else "full")
     result = run_demo(args.outdir, budget, fresh=args.fresh, jobs=args.jobs, threads=args.threads)
     for claim in result.report["findings"]:

@@ -9,19 +9,22 @@ Options left unset take the distillation preset's value (chosen from the teacher
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import json
 import sys
 
-from distillkac.distill import DISTILL_PRESETS, START_STATES
-from distillkac.presets import PRECISIONS
+from distillkac.checkpoint import Artifact
+from distillkac.distill import parse_plan
+from distillkac.presets import DISTILL_PRESETS, PRECISIONS, START_STATES, DistillConfig, get_distill_preset, preset_key
+from distillkac.stages import Distillation, resolve_data, resolve_teacher
 
-#: option -> DistillSettings field
-OVERRIDES = {"plan": "plan", "guidance": "guidance", "steps_per_stage": "steps_per_stage", "batch": "batch",
-             "micro_batch": "micro_batch", "lr": "lr", "ema_halflife": "ema_halflife_images", "seed": "seed",
-             "start_states": "start_states", "device": "device", "precision": "precision",
-             "closeness_samples": "closeness_samples", "warmup_images": "warmup_images",
-             "ckpt_every": "ckpt_every", "log_every": "log_every", "sample_every": "sample_every"}
+#: option -> DistillConfig field (``optim.<name>`` / ``train.<name>``: a field of its optimiser or loop)
+OVERRIDES = {"plan": "plan", "guidance": "guidance", "steps_per_stage": "steps_per_stage",
+             "batch": "train.batch", "micro_batch": "train.micro_batch", "lr": "optim.lr",
+             "ema_halflife": "train.ema_halflife_images", "seed": "train.seed", "start_states": "start_states",
+             "device": "train.device", "precision": "train.precision", "closeness_samples": "closeness_samples",
+             "warmup_images": "optim.warmup_images", "ckpt_every": "train.ckpt_every",
+             "log_every": "train.log_every", "sample_every": "train.sample_every"}
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -33,17 +36,18 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def _preset_values(name: str) -> str:
+def _preset_values(option: str) -> str:
     def show(value) -> str:
         return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}" \
             if isinstance(value, float) else str(value)
 
-    return "; ".join(f"{preset}={show(getattr(cfg, name))}" for preset, cfg in DISTILL_PRESETS.items())
+    def value(cfg: DistillConfig):
+        return functools.reduce(getattr, OVERRIDES[option].split("."), cfg)
+
+    return "; ".join(f"{preset}={show(value(cfg))}" for preset, cfg in DISTILL_PRESETS.items())
 
 
 def _plan(text: str) -> tuple[int, ...]:
-    from distillkac.distill import parse_plan
-
     try:
         return parse_plan(text)
     except ValueError as err:
@@ -103,23 +107,19 @@ def register(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def settings_from_args(args: argparse.Namespace):
-    """The distillation (teacher, settings) from the preset and the command-line overrides."""
-    from distillkac.distill import get_distill_preset, preset_key, resolve_data, resolve_teacher
-
+def settings_from_args(args: argparse.Namespace) -> DistillConfig:
+    """The distillation config from the preset and the command-line overrides."""
     source = resolve_teacher(args.teacher)
     name = args.preset or preset_key(resolve_data(source, args.data))
-    settings = get_distill_preset(name)
     changes = {field: getattr(args, option) for option, field in OVERRIDES.items()
                if getattr(args, option, None) is not None}
-    if args.guidance is None and source.meta.get("kind") == "student":
-        changes["guidance"] = float(source.meta["guidance"])
-    return dataclasses.replace(settings, **changes)
+    own = Artifact(source.meta).baked_sampling()
+    if args.guidance is None and own is not None:
+        changes["guidance"] = own.guidance
+    return get_distill_preset(name).with_changes(changes)
 
 
 def run(args: argparse.Namespace) -> int:
-    from distillkac.distill import Distillation
-
     settings = settings_from_args(args)
     distillation = Distillation(args.teacher, args.outdir, settings, data=args.data)
     if args.dry_run:
@@ -131,6 +131,6 @@ def run(args: argparse.Namespace) -> int:
         state = "skipped (finished)" if outcome.skipped else f"trained in {outcome.wall_seconds:.0f} s"
         print(f"stage {outcome.stage.index}: {outcome.stage.teacher_steps} -> {outcome.stage.student_steps} "
               f"steps, {state}; path closeness max {closeness.get('max', float('nan')):.4f}, "
-              f"final {closeness.get('final', float('nan')):.4f}; artefact {outcome.stage_dir / 'artifact'}",
+              f"final {closeness.get('final', float('nan')):.4f}; artefact {outcome.stage_dir / Artifact.DIR}",
               file=sys.stderr)
     return 0

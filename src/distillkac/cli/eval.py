@@ -11,7 +11,10 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from distillkac.evaluate import DEFAULT_SAVE_EVERY, METRICS
+from distillkac.evaluate import DEFAULT_SAVE_EVERY, evaluate
+from distillkac.metrics.context import METRICS
+from distillkac.nfe_table import render_table, write_reports
+from distillkac.runtime import init_distributed
 from distillkac.solvers import SOLVERS
 
 
@@ -57,9 +60,7 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distillkac.evaluate import evaluate, process_group_from_environment, render_table, write_reports
-
-    group, device = process_group_from_environment(args.device)
+    group, device = init_distributed(args.device)
     rows = evaluate(args.checkpoint, args.steps, args.solver, args.guidance, args.metric, args.num,
                     ref=args.ref, inception_weights=args.inception_weights, batch_size=args.batch,
                     seed=args.seed, device=device, out=args.out, progress=not args.no_progress, group=group,

@@ -5,6 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from distillkac.data import image_file_batches
+from distillkac.errors import DistillKacError
+from distillkac.metrics import fid
+
 WEIGHTS_HELP = ("Inception weights file (else $DISTILLKAC_INCEPTION_WEIGHTS, else torch-fidelity's "
                 "download)")
 
@@ -34,25 +38,15 @@ def add_inception_arguments(parser: argparse.ArgumentParser, weights_help: str =
 
 
 def run(args: argparse.Namespace) -> int:
-    from distillkac.errors import DistillKacError
-    from distillkac.metrics import (
-        InceptionFeatures,
-        check_reference_compatible,
-        fid_against_reference,
-        image_file_batches,
-        inception_weights_id,
-        load_reference,
-        resolve_inception_weights,
-    )
-
     if args.batch < 1:
         raise DistillKacError(f"--batch: must be a positive integer, got {args.batch}")
-    reference = load_reference(args.ref)
-    weights = resolve_inception_weights(args.inception_weights)
-    check_reference_compatible(reference, inception_weights_id(weights))
+    reference = fid.load_reference(args.ref)
+    weights = fid.resolve_inception_weights(args.inception_weights)
+    fid.check_reference_compatible(reference, fid.inception_weights_id(weights))
     count, batches = image_file_batches(args.images, args.batch, channels=reference.meta["channels"])
-    extractor = InceptionFeatures(weights, args.device, args.batch)
-    result = fid_against_reference(batches, reference, extractor, progress=not args.no_progress, total=count)
+    extractor = fid.InceptionFeatures(weights, args.device, args.batch)
+    result = fid.fid_against_reference(batches, reference, extractor, progress=not args.no_progress,
+                                       total=count)
     print(json.dumps({**result, "images": args.images, "ref": args.ref,
                       "reference_dataset": reference.meta.get("dataset", {}).get("name"),
                       "reference_split": reference.meta.get("split")}))

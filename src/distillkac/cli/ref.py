@@ -1,6 +1,6 @@
 """``distillkac ref``: FID reference statistics (Inception pool3 mean and covariance) of a dataset split.
 
-The exact moment sums are saved every ``--save-every`` batches to ``OUT.partial.npz``; rerunning the
+The exact feature moments so far are saved every ``--save-every`` batches to ``OUT.partial.npz``; rerunning the
 same command after an interruption continues from there (the result is the same, bit for bit), and the
 file is deleted once OUT is written.
 """
@@ -12,7 +12,10 @@ import json
 from pathlib import Path
 
 from distillkac.cli.fid import add_inception_arguments
+from distillkac.data import DataConfig, load_dataset
 from distillkac.errors import DistillKacError
+from distillkac.files import check_output_dir
+from distillkac.metrics import fid
 
 FID_DATASETS = ("cifar10", "folder")
 
@@ -45,15 +48,11 @@ def register(subparsers) -> None:
 
 
 def progress_path(out: str) -> Path:
-    """The side file holding the partial sums of an unfinished ``ref`` into ``out``."""
+    """The side file holding the moments so far of an unfinished ``ref`` into ``out``."""
     return Path(f"{out}.partial.npz")
 
 
 def run(args: argparse.Namespace) -> int:
-    from distillkac.checkpoint import check_output_dir
-    from distillkac.data import DataConfig, load_dataset
-    from distillkac.metrics import InceptionFeatures, compute_reference, save_reference
-
     if args.dataset != "folder" and (args.resolution is not None or args.channels is not None):
         raise DistillKacError(f"--resolution/--channels: only for --dataset folder; {args.dataset} images "
                               f"are used at their own size")
@@ -69,12 +68,12 @@ def run(args: argparse.Namespace) -> int:
     config = DataConfig(name=args.dataset, path=args.data, resolution=args.resolution, channels=args.channels,
                         bad_files=args.bad_files, labels="none" if args.dataset == "folder" else "auto")
     dataset = load_dataset(config, args.split)
-    extractor = InceptionFeatures(args.inception_weights, args.device, args.batch)
+    extractor = fid.InceptionFeatures(args.inception_weights, args.device, args.batch)
     partial = progress_path(args.out)
-    reference = compute_reference(dataset, args.split, extractor, limit=args.limit, seed=args.seed,
-                                  progress=not args.no_progress, progress_file=partial,
-                                  save_every=args.save_every)
-    meta = save_reference(args.out, reference.stats, reference.meta)
+    reference = fid.compute_reference(dataset, args.split, extractor, limit=args.limit, seed=args.seed,
+                                      progress=not args.no_progress, progress_file=partial,
+                                      save_every=args.save_every)
+    meta = fid.save_reference(args.out, reference.stats, reference.meta)
     partial.unlink(missing_ok=True)
     print(json.dumps({"out": args.out, "count": meta["count"], "split": meta["split"],
                       "resolution": meta["resolution"], "channels": meta["channels"],

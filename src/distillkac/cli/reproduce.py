@@ -9,8 +9,21 @@ and writes nothing. Without it the commands run one after another (single GPU, o
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from distillkac.reproduce import FID_NUM, PHASES, TARGETS
+from distillkac.errors import DistillKacError
+from distillkac.reproduce import (
+    FID_NUM,
+    PHASES,
+    TARGETS,
+    build_plan,
+    check_inputs,
+    default_results_dir,
+    describe_plan,
+    parse_images_per_second,
+    resolve_throughput,
+    run_plan,
+)
 
 
 def register(subparsers) -> None:
@@ -35,19 +48,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from distillkac.errors import DistillKacError
-    from distillkac.reproduce import (
-        build_plan,
-        check_inputs,
-        default_results_dir,
-        describe_plan,
-        parse_images_per_second,
-        resolve_throughput,
-        run_plan,
-    )
-
     if args.gpus < 1:
         raise DistillKacError(f"--gpus: must be a positive integer, got {args.gpus}")
     if args.num < 2:

@@ -7,7 +7,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from distillkac.checkpoint import Artifact, load_artifact
 from distillkac.errors import DistillKacError
+from distillkac.files import check_output_dir
+from distillkac.runtime import resolve_device
+from distillkac.sampling import cycle_labels, sample_artifact, save_result
 from distillkac.solvers import GRID_KINDS, SOLVERS
 
 
@@ -52,9 +56,6 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distillkac.checkpoint import check_output_dir, load_artifact
-    from distillkac.sampling import artifact_dir, cycle_labels, resolve_device, sample_artifact, save_result
-
     if args.num < 1:
         raise DistillKacError(f"--num: must be a positive integer, got {args.num}")
     if args.seed < 0:
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         raise DistillKacError(f"--batch: must be a positive integer, got {args.batch}")
     check_output_dir(args.out, "--out")
     device = resolve_device(args.device)
-    model, meta = load_artifact(artifact_dir(args.checkpoint), device=device)
+    model, meta = load_artifact(Artifact.locate(args.checkpoint), device=device)
     if args.classes and meta["num_classes"] == 0:
         raise DistillKacError("--class: this model is unconditional; it takes no class labels")
     labels = cycle_labels(args.num, meta["num_classes"], args.classes)

@@ -12,7 +12,10 @@ import dataclasses
 import json
 import sys
 
+import distillkac.train  # the module, not the function: train_teacher is looked up when the command runs
 from distillkac.errors import DistillKacError
+from distillkac.files import check_output_dir
+from distillkac.nets import config_parameter_count
 from distillkac.paths import F_SCHEDULES, G_SCHEDULES, PATH_KINDS
 from distillkac.presets import CHANNELS_LAST, PRECISIONS, PRESETS, RunConfig, get_preset
 
@@ -123,19 +126,13 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from distillkac.nets import config_parameter_count
-
     config = config_from_args(args)
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         print(f"parameters: {config_parameter_count(config.net):,}")
         return 0
-    from distillkac.checkpoint import check_output_dir
-    from distillkac.train import train_teacher
-
     outdir = check_output_dir(args.outdir, "--outdir")
-
-    result = train_teacher(config, outdir, progress=not args.no_progress)
+    result = distillkac.train.train_teacher(config, outdir, progress=not args.no_progress)
     print(f"trained {result.step} steps (resumed from {result.resumed_from}); "
           f"artefact: {result.artifact_dir}", file=sys.stderr)
     return 0

@@ -1,0 +1,335 @@
+"""The demo's comparison and its report: the models compared and the protocol every row follows
+(guidance, seeds, the velocity-diagnostics grid), the claims checked against the run's numbers, and
+``report.json`` / ``report.md`` with their plots. The pipeline that produces the numbers is ``demo``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distillkac.checkpoint import Artifact
+from distillkac.diagnostics import analytic_velocity_profile, plot_closeness, plot_velocity_profiles
+from distillkac.distill import plan_stages
+from distillkac.files import atomic_write_bytes, atomic_write_json
+from distillkac.metrics.digits import digits_reference_images
+from distillkac.nfe_table import plot_metric_vs_nfe
+from distillkac.paths import build_path
+from distillkac.runtime import environment_record
+from distillkac.solvers import time_grid
+
+REPORT_FORMAT = "distillkac-demo-report"
+REPORT_VERSION = 1
+REPORT_MD = "report.md"
+REPORT_JSON = "report.json"
+CLOSENESS_PLOT, NFE_PLOT, VELOCITY_PLOT, TARGETS_PLOT = (
+    "closeness.png", "metric_vs_nfe.png", "velocity.png", "velocity_targets.png")
+GUIDANCE = 1.0
+"""The CFG weight of the guided teacher, baked into the students, and used for the baselines."""
+SEED = 0
+"""Image i of every row uses seed SEED + i and label i mod 10 (as ``distillkac eval``)."""
+PROFILE_GRID = "quadratic"
+"""Time grid of the velocity diagnostics: T(1 - k/N)², so the last steps come close to the data."""
+TEACHER_DIR, FLOW_DIR, VP_DIR, DISTILL_DIR = "kac-teacher", "flow-baseline", "vp-baseline", "distill"
+
+
+@dataclass(frozen=True)
+class Model:
+    """A trained model of the demo: its run directory, path kind, the solver it is sampled with."""
+
+    key: str
+    directory: str
+    path_kind: str
+    solver: str
+    label: str
+
+
+TEACHER = Model("teacher", TEACHER_DIR, "kac", "ab2", "Kac teacher")
+FLOW = Model("flow", FLOW_DIR, "flow", "euler", "flow matching")
+VP = Model("vp", VP_DIR, "vp", "ddim", "VP diffusion")
+TRAINED = (TEACHER, FLOW, VP)
+
+
+def student_dirs(outdir: Path, plan: Sequence[int]) -> list[Path]:
+    """The run directory of every distillation stage of ``plan``."""
+    return [outdir / DISTILL_DIR / stage.name for stage in plan_stages(plan)]
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------------------------------- the rows
+
+ROW_ORDER = ("teacher-ab2", "teacher-euler", "student", "flow-euler", "vp-ddim")
+ROW_TITLES = {"teacher-ab2": "Kac teacher, guided AB-2", "teacher-euler": "Kac teacher, guided Euler",
+              "student": "DistillKac student (Euler)", "flow-euler": "flow matching, guided Euler",
+              "vp-ddim": "VP diffusion, guided DDIM"}
+
+
+def row_family(row: dict[str, Any]) -> str:
+    if row["kind"] == Artifact.STUDENT:
+        return "student"
+    return {TEACHER_DIR: "teacher", FLOW_DIR: "flow", VP_DIR: "vp"}[row["model"]] + f"-{row['solver']}"
+
+
+def _table(rows: Sequence[dict[str, Any]]) -> str:
+    lines = ["| model, sampler | steps | NFE | class accuracy | fd_digits | fd_pixels | samples |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for row in rows:
+        values = row["values"]
+        lines.append(f"| {ROW_TITLES[row_family(row)]} | {row['steps']} | {row['nfe']} | "
+                     f"{values['class_accuracy']:.3f} | {values['fd_digits']:.3f} | {values['fd_pixels']:.3f} | "
+                     f"[grid]({row['grid']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def sorted_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(rows, key=lambda r: (-r["steps"], ROW_ORDER.index(row_family(r))))
+
+
+def _lookup(rows: Sequence[dict[str, Any]], family: str, steps: int) -> dict[str, Any] | None:
+    return next((r for r in rows if row_family(r) == family and r["steps"] == steps), None)
+
+
+# -------------------------------------------------------------------------------------- the claims
+
+def findings(rows: Sequence[dict[str, Any]], plan: Sequence[int], profiles: dict[str, dict[str, Any]],
+             targets: dict[str, dict[str, Any]], kac_bound: float) -> list[dict[str, Any]]:
+    """The claims the demo checks, each as numbers and a verdict computed from this run."""
+    return [_degradation(rows, plan), *_same_steps(rows, plan), *_velocity(profiles, targets, kac_bound)]
+
+
+def _acc(row: dict[str, Any]) -> float:
+    return float(row["values"]["class_accuracy"])
+
+
+def _fd(row: dict[str, Any]) -> float:
+    return float(row["values"]["fd_digits"])
+
+
+def _degradation(rows: Sequence[dict[str, Any]], plan: Sequence[int]) -> dict[str, Any]:
+    """Graceful: the last student keeps the teacher's class accuracy within 0.10 and its fd_digits within
+    1.5 times that of the first (most-step) student."""
+    teacher = _lookup(rows, "teacher-ab2", plan[0])
+    students = [_lookup(rows, "student", s) for s in plan[1:]]
+    accuracy = [_acc(s) for s in students]
+    fds = [_fd(s) for s in students]
+    drop = _acc(teacher) - accuracy[-1]
+    ratio = fds[-1] / fds[0]
+    holds = drop <= 0.10 and ratio <= 1.5
+    sequence = ", ".join(f"{s}: {a:.3f}" for s, a in zip(plan[1:], accuracy))
+    fd_sequence = ", ".join(f"{s}: {f:.3f}" for s, f in zip(plan[1:], fds))
+    text = (f"students by steps, class accuracy {sequence} (guided AB-2 teacher at {plan[0]} steps / "
+            f"{teacher['nfe']} NFE: {_acc(teacher):.3f}); fd_digits {fd_sequence} (teacher: {_fd(teacher):.3f}). "
+            f"The {plan[-1]}-step student's accuracy differs from the teacher's by {-drop:+.3f} and its fd_digits is "
+            f"x{ratio:.2f} the {plan[1]}-step student's (graceful: accuracy within 0.10 and fd within x1.5).")
+    return {"claim": "the students degrade gracefully from the teacher's steps to 1 step", "holds": holds,
+            "text": text, "student_accuracy": dict(zip(map(str, plan[1:]), accuracy)),
+            "student_fd_digits": dict(zip(map(str, plan[1:]), fds)), "teacher_accuracy": _acc(teacher),
+            "teacher_fd_digits": _fd(teacher)}
+
+
+def _same_steps(rows: Sequence[dict[str, Any]], plan: Sequence[int]) -> list[dict[str, Any]]:
+    """At each student step count: the student against every other sampler with the same steps. It wins
+    when its fd_digits is lower than all of theirs and its class accuracy is not lower than any."""
+    out = []
+    for steps in plan[1:]:
+        student = _lookup(rows, "student", steps)
+        others = [r for r in (_lookup(rows, f, steps) for f in ROW_ORDER if f != "student") if r is not None]
+        best_acc = max(others, key=_acc)
+        best_fd = min(others, key=_fd)
+        holds = _acc(student) >= _acc(best_acc) and _fd(student) < _fd(best_fd)
+        text = (f"{steps}-step student ({student['nfe']} NFE) fd_digits {_fd(student):.3f} vs best other "
+                f"{_fd(best_fd):.3f} ({ROW_TITLES[row_family(best_fd)]}, {best_fd['nfe']} NFE; "
+                f"ratio x{_fd(best_fd) / _fd(student):.2f}); class accuracy {_acc(student):.3f} vs best other "
+                f"{_acc(best_acc):.3f}. All at {steps} step(s): "
+                + "; ".join(f"{ROW_TITLES[row_family(r)]} fd {_fd(r):.3f}, acc {_acc(r):.3f}" for r in others)
+                + ".")
+        out.append({"claim": f"the {steps}-step student beats the teacher and the baselines at {steps} step(s)",
+                    "holds": holds, "text": text, "steps": steps})
+    return out
+
+
+def _velocity(profiles: dict[str, dict[str, Any]], targets: dict[str, dict[str, Any]],
+              kac_bound: float) -> list[dict[str, Any]]:
+    """Kac bounded, VP growing near the data: for the conditional targets (the regression targets, no
+    network) and along the learned models' sampling trajectories.
+
+    The Kac conditional target obeys ``|u*| <= 1 + c`` per coordinate; a guided combination
+    ``(1+w)·a - w·b`` of two fields so bounded stays below ``(1 + 2w)(1 + c)``, the bound the teacher's
+    trajectories are checked against. "Grows near the data": the VP RMS at the last time (closest to
+    t = 0) exceeds its RMS at t = T and the Kac RMS at that time.
+    """
+    summary = {}
+    for key, record in profiles.items():
+        profile = record["profile"]
+        rms = profile["rms"]
+        summary[key] = {"rms_start": rms[0], "rms_end": rms[-1], "rms_min": min(rms),
+                        "max_abs": max(profile["max_abs"]), "t_end": profile["times"][-1]}
+    kac, vp, flow = summary["teacher"], summary["vp"], summary["flow"]
+    kac_target, vp_target = targets["kac"], targets["vp"]
+    t_end = kac_target["times"][-1]
+    target_bounded = kac_target["max_abs_all"] <= kac_bound + 1e-9
+    target_grows = vp_target["rms"][-1] > max(vp_target["rms"][0], kac_target["rms"][-1])
+    targets_claim = {
+        "claim": "the conditional target velocity is bounded for Kac and grows near the data for VP diffusion",
+        "holds": target_bounded and target_grows,
+        "text": (f"on the held-out digits, RMS |u*| per coordinate at t = T -> t = {t_end:.3g}: Kac "
+                 f"{kac_target['rms'][0]:.3f} -> {kac_target['rms'][-1]:.3f} (max |u*| over all t "
+                 f"{kac_target['max_abs_all']:.3f}, bound 1 + c = {kac_bound:g}); VP {vp_target['rms'][0]:.3f} -> "
+                 f"{vp_target['rms'][-1]:.3f} (max {vp_target['max_abs_all']:.3f}); flow "
+                 f"{targets['flow']['rms'][0]:.3f} -> {targets['flow']['rms'][-1]:.3f}.")}
+    guided_bound = (1 + 2 * GUIDANCE) * kac_bound
+    bounded = kac["max_abs"] <= guided_bound
+    grows = vp["rms_end"] > max(vp["rms_start"], kac["rms_end"])
+    trajectories_claim = {
+        "claim": "along the learned models' sampling trajectories the Kac velocity stays bounded while the VP "
+                 "velocity grows near the data",
+        "holds": bounded and grows, "guided_bound": guided_bound, "trajectories": summary,
+        "text": (f"{PROFILE_GRID} grid down to t = {kac['t_end']:.3g}, RMS |u| per coordinate at t = T -> last step: "
+                 f"Kac teacher {kac['rms_start']:.3f} -> {kac['rms_end']:.3f} (max |u| {kac['max_abs']:.3f}; guided "
+                 f"bound {guided_bound:g}: {'within' if bounded else 'exceeded'}); VP diffusion "
+                 f"{vp['rms_start']:.3f} -> {vp['rms_end']:.3f} (max |u| {vp['max_abs']:.3f}; "
+                 f"{'grows' if grows else 'does not grow'}: its learned RMS at the last step is "
+                 f"x{vp['rms_end'] / vp_target['rms'][-1]:.2f} its conditional target's); flow matching "
+                 f"{flow['rms_start']:.3f} -> {flow['rms_end']:.3f}.")}
+    return [targets_claim, trajectories_claim]
+
+
+# ------------------------------------------------------------------------------------ report files
+
+def target_profiles(plan_steps: int) -> dict[str, dict[str, Any]]:
+    """Conditional target velocities u*(x_t, t | x0) of the three paths on the held-out digits at the times
+    of the velocity diagnostics (no network); deterministic (generator seed 0)."""
+    images = digits_reference_images().double()
+    times = time_grid(plan_steps, 1.0, PROFILE_GRID)[:-1].tolist()
+    out = {}
+    for kind in ("kac", "vp", "flow"):
+        profile = analytic_velocity_profile(build_path({"kind": kind}), images, times,
+                                            torch.Generator().manual_seed(0))
+        out[kind] = {**profile, "max_abs_all": max(profile["max_abs"])}
+    return out
+
+
+def build_report(outdir: Path, budget: dict[str, Any], parts: dict[str, dict[str, Any]], classifier,
+                 calibration: dict[str, Any] | None, execution: dict[str, Any], start: float) -> dict[str, Any]:
+    """Plots, report.json and report.md from the parts' records (``parts``: job name -> record) and the
+    budget's (``dataclasses.asdict`` of the demo's budget)."""
+    evals = [item for name, item in parts.items() if name.startswith("eval_")]
+    profiles = {name.removeprefix("velocity_"): item for name, item in parts.items() if name.startswith("velocity_")}
+    rows = sorted_rows([row for item in evals for row in item["rows"]])
+    plot_metric_vs_nfe(rows, outdir / NFE_PLOT)
+    kac_c = float(parts["train_teacher"]["config"]["path"]["kac_c"])
+    plot_velocity_profiles({f"{m.label} ({m.solver}, w={GUIDANCE:g})": profiles[m.key]["profile"] for m in TRAINED},
+                           outdir / VELOCITY_PLOT, kac_c=kac_c)
+    targets = target_profiles(budget["plan"][0])
+    plot_velocity_profiles({f"{kind} conditional target": targets[kind] for kind in ("kac", "flow", "vp")},
+                           outdir / TARGETS_PLOT, kac_c=kac_c)
+    closeness = {}
+    for directory in student_dirs(outdir, budget["plan"]):
+        closeness[directory.name] = json.loads((directory / "closeness.json").read_text(encoding="utf-8"))
+    plot_closeness({f"{c['student_steps']}-step student vs its {c['teacher_steps']}-step teacher": c
+                    for c in closeness.values()}, outdir / CLOSENESS_PLOT,
+                   title="path closeness of every distillation stage")
+    kac_bound = 1.0 + kac_c
+    claims = findings(rows, budget["plan"], profiles, targets, kac_bound)
+    timings = {name: {"seconds": item["seconds"], "reused": item["reused"], "finished_utc": item["finished_utc"]}
+               for name, item in parts.items()}
+    report = {
+        "format": REPORT_FORMAT, "version": REPORT_VERSION, "date_utc": utc_now(),
+        "budget": budget,
+        "guidance": GUIDANCE, "seed": SEED, "execution": execution, "thread_calibration": calibration,
+        "environment": environment_record(), "timings": timings,
+        "wall_seconds_this_run": round(time.perf_counter() - start, 2),
+        "configs": {"teacher": parts["train_teacher"]["config"], "flow": parts["train_flow"]["config"],
+                    "vp": parts["train_vp"]["config"], "distill": parts["distill"]["settings"]},
+        "weights_sha256": {m.key: parts[f"train_{m.key}"]["weights_sha256"] for m in TRAINED},
+        "digits_classifier": {"test_accuracy": float(classifier.test_accuracy)},
+        "rows": rows, "findings": claims, "closeness": {k: {"max": c["max"], "final": c["final"],
+                                                            "teacher_steps": c["teacher_steps"],
+                                                            "student_steps": c["student_steps"],
+                                                            "num_samples": c["num_samples"]}
+                                                        for k, c in closeness.items()},
+        "velocity": {"trajectories": {k: v["profile"] for k, v in profiles.items()}, "targets": targets},
+        "files": [NFE_PLOT, VELOCITY_PLOT, TARGETS_PLOT, CLOSENESS_PLOT, *[row["grid"] for row in rows]],
+    }
+    report["wall_seconds_this_run"] = round(time.perf_counter() - start, 2)
+    atomic_write_json(outdir / REPORT_JSON, report)
+    atomic_write_bytes(outdir / REPORT_MD, render_report(report).encode("utf-8"))
+    return report
+
+
+def _part_line(name: str, timing: dict[str, Any], what: str) -> str:
+    state = "reused from an earlier run" if timing["reused"] else "this run"
+    return f"| {name} | {what} | {timing['seconds']:.0f} | {state} |"
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """report.md from report.json's content."""
+    budget, env, execution = report["budget"], report["environment"], report["execution"]
+    reference_count = report["rows"][0]["values"]["num_reference"]
+    teacher, distill = report["configs"]["teacher"], report["configs"]["distill"]
+    plan = " -> ".join(map(str, budget["plan"]))
+    lines = [
+        "# distillkac demo: DistillKac in miniature on 8x8 digits", "",
+        f"Run on {report['date_utc']} on `{env['hostname']}` ({env['processor']}, {env['cpu_count']} cores; "
+        f"torch {env['torch']}, Python {env['python']}); budget `{budget['name']}`; "
+        f"{execution['jobs']} worker process(es) x {execution['threads_per_process']} torch thread(s). "
+        f"Wall time of this invocation: {report['wall_seconds_this_run']:.0f} s. Every number below comes from "
+        f"this run's files (report.json holds them all).", "",
+        "## The table", "",
+        f"{budget['eval_samples']} samples per row (image i: seed {report['seed']} + i, class i mod 10), "
+        f"guidance w = {report['guidance']:g} for the teacher and the baselines (NFE = 2 x steps), baked into "
+        f"the students (NFE = steps). Metrics against the {reference_count} held-out digits: class accuracy of a "
+        f"small CNN (held-out accuracy {report['digits_classifier']['test_accuracy']:.3f}), Fréchet distances in its "
+        f"64-d features (fd_digits) and in pixel space (fd_pixels). These are not FIDs. Lower fd is better.", "",
+        _table(report["rows"]),
+        "## Findings (computed)", "",
+        *[f"- **{'holds' if item['holds'] else 'does NOT hold'}** — {item['claim']}: {item['text']}"
+          for item in report["findings"]], "",
+        "## Plots", "",
+        f"Metric vs NFE (fd_digits): ![metric vs NFE]({NFE_PLOT})", "",
+        f"Velocity along the sampling trajectories ({budget['plan'][0]} steps on the {PROFILE_GRID} grid, each "
+        f"model's own solver, "
+        f"w = {report['guidance']:g}, {budget['profile_samples']} samples): ![velocity]({VELOCITY_PLOT})", "",
+        f"Conditional target velocities on real digits (no network): ![targets]({TARGETS_PLOT})", "",
+        f"Path closeness, teacher vs student from the same x_T, every stage ({budget['closeness_samples']} "
+        f"samples): ![closeness]({CLOSENESS_PLOT})", "",
+        "| stage | max RMS distance | final RMS distance |", "|---|---:|---:|",
+        *[f"| {c['teacher_steps']} -> {c['student_steps']} | {c['max']:.4f} | {c['final']:.4f} |"
+          for c in report["closeness"].values()], "",
+        "## Samples (the first images of each row: same seeds and labels as the evaluation)", "",
+        *[f"{ROW_TITLES[row_family(row)]}, {row['steps']} step(s): ![{row['grid']}]({row['grid']})  "
+          for row in report["rows"]], "",
+        "## Configuration and wall time per part", "",
+        f"Teacher and baselines: digits preset network ({teacher['net']['model_channels']} channels, "
+        f"multipliers {teacher['net']['channel_mult']}), {teacher['train']['steps']} steps of batch "
+        f"{teacher['train']['batch']}, lr {teacher['optim']['lr']:g}, Kac a = {teacher['path']['kac_a']:g}, "
+        f"c = {teacher['path']['kac_c']:g}. Distillation {plan}: {list(distill['steps_per_stage'])} steps per "
+        f"stage, batch {distill['train']['batch']}, lr {distill['optim']['lr']:g}, start states "
+        f"{distill['start_states']}.", "",
+        "| part | what | seconds | when |", "|---|---|---:|---|",
+        *[_part_line(name, timing, _part_description(name)) for name, timing in report["timings"].items()], "",
+    ]
+    calibration = report["thread_calibration"]
+    if calibration:
+        per_step = calibration["seconds_per_step"]
+        lines += ["Thread choice (measured at the start of this run): one training step of the teacher network "
+                  "(batch 128) took " + ", ".join(f"{v:.3f} s with {k} thread(s)" for k, v in per_step.items())
+                  + f" (load average {calibration['load_average']}); the demo runs {execution['jobs']} processes "
+                  f"with {execution['threads_per_process']} thread(s) each.", ""]
+    return "\n".join(lines)
+
+
+def _part_description(name: str) -> str:
+    return {"train_teacher": "train the Kac teacher", "train_flow": "train the flow-matching baseline",
+            "train_vp": "train the VP-diffusion baseline", "distill": "distil every stage (+ path closeness)"
+            }.get(name, name.replace("_", " "))
