@@ -32,10 +32,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
+from distillkac.config import RunConfig  # noqa: E402
 from distillkac.data import InMemoryDataset  # noqa: E402
 from distillkac.nets import build_network  # noqa: E402
 from distillkac.paths import build_path  # noqa: E402
-from distillkac.presets import RunConfig, get_preset  # noqa: E402
+from distillkac.presets import get_preset  # noqa: E402
 from distillkac.rng import rand  # noqa: E402
 from distillkac.train import TeacherObjective, _Trainer, micro_generator  # noqa: E402
 

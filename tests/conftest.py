@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from distillkac.cli import main
+from distillkac.config import OptimConfig, RunConfig, TrainConfig
 from distillkac.data import DataConfig
 from distillkac.nets import MLPConfig, UNetConfig
-from distillkac.presets import OptimConfig, PathConfig, RunConfig, TrainConfig
+from distillkac.paths import PathConfig
 
 
 def make_toy_config(steps: int = 6, batch: int = 32, micro_batch: int = 8, hidden: int = 32, depth: int = 2,

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 
 from distillkac.cli import main
-from distillkac.demo import BUDGETS, MARKER_FILE, OWN_ENTRIES, prepare_outdir
+from distillkac.demo import BUDGETS, MARKER_FILE, OWN_ENTRIES, eval_steps, prepare_outdir
 from distillkac.errors import DistillKacError
 from distillkac.nets import REFERENCE_CONFIGS
 from distillkac.presets import get_preset
 from distillkac.report import REPORT_JSON, REPORT_MD
 from distillkac.reproduce import FORWARD_GFLOP, Plan, Step, build_plan, plan_summary, resolve_throughput, run_plan
+from distillkac.stats import HOLDS, VERDICTS
 
 TINY = BUDGETS["tiny"]
 
@@ -92,6 +93,30 @@ def test_rerun_reuses_every_part_with_the_same_numbers(demo):
     assert rerun_seconds < first_seconds / 3, (rerun_seconds, first_seconds)
 
 
+def test_rows_have_seed_blocks_and_claims_have_paired_verdicts(demo):
+    _, report, _, _ = demo
+    for row in report["rows"]:
+        assert (row["blocks"], row["num"], row["precision"]) == (TINY.eval_blocks, TINY.eval_samples, "fp32")
+        assert [block["seed"] for block in row["per_block"]] == [b * TINY.eval_samples for b in range(TINY.eval_blocks)]
+    for claim in [*report["findings"], *report["targets"]]:
+        assert claim["verdict"] in VERDICTS and claim["holds"] == (claim["verdict"] == HOLDS)
+    equal = [claim for claim in report["findings"] if "compared_at_nfe" in claim]
+    assert [(c["steps"], c["nfe"], c["compared_at_nfe"]) for c in equal] == [(2, 2, 2), (1, 1, 2)]
+    assert [c["steps"] for c in equal[0]["comparisons"]] == [1] * 4  # 1 guided step of each sampler: 2 NFE
+    student = next(r for r in report["rows"] if r["model"] == "stage-1step")
+    teacher = next(r for r in report["rows"] if (r["model"], r["solver"], r["steps"]) == ("kac-teacher", "ab2", 4))
+    within = report["targets"][1]
+    blocks = [s["values"]["fd_digits"] - 1.05 * t["values"]["fd_digits"]
+              for s, t in zip(student["per_block"], teacher["per_block"])]
+    assert within["factor"] == 1.05 and within["difference"]["mean"] == pytest.approx(sum(blocks) / len(blocks))
+    assert len(report["targets"]) == 5
+
+
+def test_eval_steps_add_half_of_each_student_step_count():
+    assert eval_steps((100, 20, 4, 2, 1)) == [100, 20, 10, 4, 2, 1]
+    assert eval_steps(TINY.plan) == [4, 2, 1]
+
+
 def test_fresh_refuses_a_directory_that_is_not_a_demo(tmp_path, capsys):
     target = tmp_path / "mine"
     target.mkdir()
@@ -124,7 +149,7 @@ def test_quick_demo_within_its_budget(tmp_path, monkeypatch):
     assert main(["demo", "--outdir", str(tmp_path / "quick"), "--quick"]) == 0
     assert time.perf_counter() - start < 240
     report = json.loads((tmp_path / "quick" / REPORT_JSON).read_text())
-    assert len(report["rows"]) == 4 * 5 + 4
+    assert len(report["rows"]) == 4 * 6 + 4  # teacher x2 solvers and baselines at 100, 20, 10, 4, 2, 1 steps
 
 
 # ------------------------------------------------------------------------------------------ reproduce

@@ -16,26 +16,29 @@ from torch import nn
 
 from distillkac.checkpoint import load_artifact, load_training_state, save_artifact
 from distillkac.cli import main
+from distillkac.config import DistillConfig, OptimConfig, TrainConfig
 from distillkac.data import DataConfig, load_dataset, toy_mixture
 from distillkac.diagnostics import path_closeness
-from distillkac.distill import EndpointObjective, Stage, Teacher, load_teacher, parse_plan, plan_stages, validate_plan
+from distillkac.distill import (
+    EndpointObjective,
+    PoolSettings,
+    Stage,
+    Teacher,
+    load_teacher,
+    parse_plan,
+    plan_stages,
+    validate_plan,
+)
 from distillkac.errors import DistillKacError
 from distillkac.kac import KacProcess
 from distillkac.metrics.toy2d import toy2d_metrics
 from distillkac.nets import MLPConfig, build_network
 from distillkac.paths import KacPath, build_path
-from distillkac.presets import (
-    DISTILL_PRESETS,
-    DistillConfig,
-    OptimConfig,
-    TrainConfig,
-    get_distill_preset,
-    get_preset,
-    preset_key,
-)
+from distillkac.presets import DISTILL_PRESETS, get_distill_preset, get_preset, preset_key
 from distillkac.sampling import cycle_labels, sample_artifact
 from distillkac.solvers import solve, time_grid
 from distillkac.stages import Distillation, run_distillation
+from distillkac.train import derive_seed
 
 KAC = KacPath(KacProcess(9.0, 3.0))
 TOY_PLAN = "20,4,2,1"
@@ -200,20 +203,27 @@ def test_data_start_states_are_the_forward_noised_path():
 
 
 def test_rollout_start_states_follow_the_teachers_own_solver():
+    """Pooled start states are the teacher's uninterrupted AB-2 roll-outs at the student's grid times."""
     teacher = _linear_teacher("ab2", 12, 0.5)
-    objective = EndpointObjective(teacher, KAC, Stage(1, 12, 4), start_states="rollout")
+    pool = PoolSettings(size=8, refresh=5, seed=11)
+    objective = EndpointObjective(teacher, KAC, Stage(1, 12, 4), start_states="rollout", pool=pool)
+    objective.prepare_step(0)
     x0 = torch.zeros((24, 3), dtype=torch.float64)
-    y = torch.arange(24) % NUM_CLASSES
+    y = torch.zeros(24, dtype=torch.long)
     pair = objective.endpoint_pair(x0, y, torch.Generator().manual_seed(8))
-    replay = torch.Generator().manual_seed(8)
-    torch.rand((24,), generator=replay, dtype=torch.float64)
-    prior = KAC.prior((24, 3), generator=replay, dtype=torch.float64)
+    replay = torch.Generator().manual_seed(derive_seed(11, "pool", 1, 0))
+    prior = KAC.prior((8, 3), generator=replay, dtype=torch.float64)
+    labels = torch.clamp((torch.rand((8,), generator=replay, dtype=torch.float64) * NUM_CLASSES).long(), max=1)
     states = []
-    solve(lambda x, t: teacher.velocity(x, t, y), prior, time_grid(12), method="ab2",
+    solve(lambda x, t: teacher.velocity(x, t, labels), prior, time_grid(12), method="ab2",
           on_step=lambda k, t, x, u: states.append(x))
+    draws = torch.Generator().manual_seed(8)
+    torch.rand((24,), generator=draws, dtype=torch.float64)
+    rows = (torch.rand((24,), generator=draws, dtype=torch.float64) * 8).long()
     for row in range(24):
-        expected = states[3 * int(pair.k[row])][row]
+        expected = states[3 * int(pair.k[row])][rows[row]]
         assert torch.allclose(pair.x_start[row], expected, rtol=0, atol=1e-12), row
+        assert pair.y[row] == labels[rows[row]]
 
 
 def test_path_closeness_of_an_exact_student_is_zero_at_student_times():

@@ -27,12 +27,13 @@ from distillkac.metrics.context import MetricContext
 from distillkac.metrics.stats import Moments
 from distillkac.metrics.toy2d import toy2d_metrics
 from distillkac.nets import MLPConfig, build_network
-from distillkac.nfe_table import append_result, read_results, render_table
+from distillkac.nfe_table import append_result, paired_rows, read_results, render_table
 from distillkac.npz import SideFile
 from distillkac.paths import FlowPath, KacPath, VPPath, build_path
 from distillkac.rng import seeded_generators
 from distillkac.sampling import sample_artifact
 from distillkac.solvers import time_grid
+from distillkac.stats import mean_interval
 
 KAC = {"kind": "kac", "kac_a": 9.0, "kac_c": 3.0, "T": 1.0, "schedule": "linear", "g_schedule": "t"}
 INCEPTION = Path(os.environ.get("DISTILLKAC_INCEPTION_WEIGHTS") or Path(__file__).resolve().parents[2]
@@ -497,6 +498,138 @@ def test_out_is_checked_before_anything_is_sampled(toy_models, tmp_path, monkeyp
         with pytest.raises(DistillKacError, match=f"^--out: .*{message}"):
             _toy_row(toy_models, monkeypatch, out, sampler := CountingSampler())
         assert sampler.seeds == []
+
+
+# ------------------------------------------------------------------------------------- seed blocks
+
+def test_blocks_are_the_rows_of_shifted_seeds_with_their_mean_and_interval(toy_models):
+    """Block b of a 3-block row equals a one-block row with seed S + b·num (labels i mod 16 in every block);
+    the row's value is the mean and its interval the t-interval of the block values."""
+    kwargs = dict(batch_size=5, device="cpu", progress=False)
+    (row,) = evaluate([toy_models["teacher"]], [3], ["euler"], [1.0], "toy2d", 12, seed=5, blocks=3, **kwargs)
+    assert (row["blocks"], row["num"], row["seed"], row["precision"]) == (3, 12, 5, "fp32")
+    assert [block["seed"] for block in row["per_block"]] == [5, 17, 29]
+    for block in row["per_block"]:
+        (alone,) = evaluate([toy_models["teacher"]], [3], ["euler"], [1.0], "toy2d", 12, seed=block["seed"], **kwargs)
+        assert block["value"] == alone["value"] and block["values"] == alone["values"]
+    values = [block["value"] for block in row["per_block"]]
+    interval = mean_interval(values)
+    assert row["value"] == pytest.approx(sum(values) / 3, rel=1e-12)
+    assert row["interval"] == {"mean": interval.mean, "low": interval.low, "high": interval.high,
+                               "half_width": interval.half_width, "count": 3, "level": 0.95}
+    assert row["values"]["sliced_wasserstein"] == pytest.approx(row["value"], rel=1e-12)
+    assert len(set(values)) == 3 and interval.half_width > 0
+
+
+def test_a_row_of_blocks_continues_from_its_finished_blocks(toy_models, tmp_path, monkeypatch, capsys):
+    """3 blocks of 8 images in batches of 4, saved after every batch, killed at batch 4 (the second of
+    block 1): the rerun keeps block 0, continues block 1 from its side file and gives the same row."""
+    args = ([toy_models["teacher"]], [3], ["euler"], [1.0], "toy2d")
+    kwargs = dict(num=8, seed=3, batch_size=4, device="cpu", progress=False, save_every=1, blocks=3)
+    (whole,) = _run(monkeypatch, everything := CountingSampler(), *args, out=tmp_path / "whole", **kwargs)
+    assert everything.seeds == _chunks(range(3, 27), 4)
+    out = tmp_path / "eval"
+    with pytest.raises(KeyboardInterrupt):
+        _run(monkeypatch, CountingSampler(stop_at=4), *args, out=out, **kwargs)
+    files = _side_files(out)
+    assert len(files) == 2 and {f.suffix for f in files} == {".json", ".npz"}
+    (side,) = [f for f in files if f.suffix == ".npz"]
+    with np.load(side, allow_pickle=False) as arrays:
+        assert int(arrays["done"]) == 4 and int(arrays["seed"]) == 11
+    capsys.readouterr()
+    (row,) = _run(monkeypatch, rest := CountingSampler(), *args, out=out, **kwargs)
+    assert rest.seeds == [[15, 16, 17, 18], [19, 20, 21, 22], [23, 24, 25, 26]]
+    assert "1 of 3 seed blocks are done" in capsys.readouterr().err
+    assert row["per_block"] == whole["per_block"] and row["value"] == whole["value"]
+    assert _side_files(out) == [] and read_results(out) == [row]
+
+
+def test_rows_of_other_blocks_or_precision_are_new_rows(toy_models, tmp_path):
+    args = ([toy_models["teacher"]], [2], ["euler"], [0.0], "toy2d", 8)
+    kwargs = dict(device="cpu", progress=False, out=tmp_path)
+    (one,) = evaluate(*args, **kwargs)
+    (two,) = evaluate(*args, blocks=2, **kwargs)
+    (bf16,) = evaluate(*args, blocks=2, precision="bf16", **kwargs)
+    (again,) = evaluate(*args, blocks=2, precision="bf16", **kwargs)
+    assert not any(r.get("resumed") for r in (one, two, bf16)) and again["resumed"]
+    assert [r["precision"] for r in read_results(tmp_path)] == ["fp32", "fp32", "bf16"]
+    assert two["per_block"][0]["values"] == one["values"]  # block 0 has the seeds of the one-block row
+    with pytest.raises(DistillKacError, match="--blocks: must be a positive number"):
+        evaluate(*args, blocks=0, **kwargs)
+    with pytest.raises(DistillKacError, match="--precision: must be one of auto, fp32, bf16"):
+        evaluate(*args, precision="fp16", **kwargs)
+
+
+def _row(model: str, nfe: int, blocks: list[float], kind: str = "teacher", **extra) -> dict:
+    interval = mean_interval(blocks)
+    return {"model": model, "kind": kind, "steps": nfe, "nfe": nfe, "solver": "euler", "guidance": 0.0,
+            "metric": "toy2d", "label": "sliced_wasserstein", "num": 10, "seed": 0, "blocks": len(blocks),
+            "value": interval.mean, "values": {}, "interval": interval.to_dict(), "seconds": 1.0,
+            "per_block": [{"block": b, "seed": 10 * b, "value": v, "values": {"sliced_wasserstein": v}}
+                          for b, v in enumerate(blocks)], **extra}
+
+
+def test_table_gives_intervals_and_paired_differences_at_equal_nfe():
+    rows = [_row("a", 4, [1.0, 2.0, 3.0]), _row("b", 4, [1.5, 2.5, 3.5]), _row("c", 4, [0.9, 2.6, 2.0]),
+            _row("d", 2, [5.0, 6.0, 7.0]), _row("s", 1, [3.0, 3.0, 3.0], kind="student")]
+    table = render_table(rows)
+    half = mean_interval([1.0, 2.0, 3.0]).half_width
+    assert f"| 2 | ± {half:.4g} | " in table and "| 3 × 10 | " in table
+    assert "Paired differences at equal NFE" in table
+    assert "| 4 | sliced_wasserstein | a 4/euler/w=0 | b 4/euler/w=0 | +0.5000 ± 0.0000 | lower |" in table
+    assert "| c 4/euler/w=0 | b 4/euler/w=0 |" in table
+    assert "| c 4/euler/w=0 | a 4/euler/w=0 |" in table and table.count("| 4 | sliced_wasserstein |") == 3
+    assert "| 2 | sliced_wasserstein |" not in table  # one row at 2 NFE: nothing to compare
+    assert paired_rows(rows[1], rows[0]).mean == pytest.approx(0.5)
+    with pytest.raises(DistillKacError, match="not evaluated on the same seed blocks"):
+        paired_rows(rows[0], _row("e", 4, [1.0, 2.0]))
+    # A row written before seed blocks existed: one block, no interval, no comparison.
+    old = {k: v for k, v in _row("o", 4, [2.0]).items() if k not in ("blocks", "per_block", "interval")}
+    assert "| o | teacher | 4 | 4 | euler | 0 | sliced_wasserstein | 2 | – |" in render_table([old])
+
+
+def test_plot_has_error_bars_and_one_student_line(tmp_path, monkeypatch):
+    import distillkac.nfe_table as nfe_table
+
+    lines = []
+    plt = nfe_table.agg_pyplot()
+    original = plt.Axes.errorbar
+
+    def recording(self, x, y, *args, **kwargs):
+        lines.append((kwargs["label"], list(x), list(kwargs["yerr"])))
+        return original(self, x, y, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Axes, "errorbar", recording)
+    rows = [_row("a", 4, [1.0, 2.0, 3.0]), _row("a", 2, [2.0, 2.0, 2.0]),
+            _row("stage-4step", 4, [1.0, 1.5, 2.0], kind="student", teacher_sha256="1" * 64),
+            _row("stage-2step", 2, [1.0, 1.5, 2.0], kind="student", teacher_sha256="2" * 64)]
+    nfe_table.plot_metric_vs_nfe(rows, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").read_bytes()[:8] == PNG_MAGIC
+    half = mean_interval([1.0, 2.0, 3.0]).half_width
+    assert lines == [("a euler w=0", [2, 4], [0.0, pytest.approx(half)]),
+                     ("DistillKac students", [2, 4], [pytest.approx(half / 2)] * 2)]
+
+
+def test_eval_cli_blocks_and_precision(toy_models, tmp_path, capsys):
+    out = tmp_path / "eval"
+    argv = ["eval", "--checkpoint", str(toy_models["teacher"]), "--steps", "2", "--solver", "euler,heun",
+            "--guidance", "0", "--metric", "toy2d", "--num", "6", "--blocks", "3", "--precision", "bf16",
+            "--out", str(out), "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    rows = read_results(out)
+    assert [(r["blocks"], r["precision"], len(r["per_block"])) for r in rows] == [(3, "bf16", 3)] * 2
+    table = (out / "table.md").read_text()
+    assert "3 × 6" in table and "| bf16 |" in table and "Paired differences at equal NFE" not in table
+    capsys.readouterr()
+    for option, value, message in [("--precision", "fp16", "invalid choice: 'fp16'"),
+                                    ("--blocks", "0", "--blocks: must be a positive number of seed blocks, got 0")]:
+        position = argv.index(option) + 1
+        try:
+            code = main([*argv[:position], value, *argv[position + 1:]])
+        except SystemExit as stop:  # argparse's own usage errors
+            code = stop.code
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("\n") == 1
 
 
 # ------------------------------------------------------------------------------------ diagnostics

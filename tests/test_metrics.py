@@ -22,7 +22,7 @@ from PIL import Image
 from threadpoolctl import threadpool_limits
 
 from distillkac.cli import main
-from distillkac.data import DataConfig, image_file_batches, load_dataset, to_uint8, toy_mixture
+from distillkac.data import DataConfig, load_dataset, to_uint8, toy_mixture
 from distillkac.errors import DistillKacError
 from distillkac.metrics.digits import DigitsClassifier, default_cache_dir, digits_metrics
 from distillkac.metrics.fid import (
@@ -38,6 +38,7 @@ from distillkac.metrics.fid import (
     resolve_inception_weights,
     save_reference,
 )
+from distillkac.metrics.inputs import image_file_batches
 from distillkac.metrics.stats import GaussianStats, Moments, frechet_distance
 from distillkac.metrics.toy2d import mixture_log_joint, sample_mixture, sliced_wasserstein, toy2d_metrics
 

@@ -16,11 +16,12 @@ import torch
 from conftest import make_toy_config, run_cli
 
 from distillkac.checkpoint import load_artifact, load_training_state
+from distillkac.config import RunConfig
 from distillkac.data import load_dataset, toy_mixture
 from distillkac.errors import DistillKacError
 from distillkac.nets import REFERENCE_CONFIGS, build_network, config_parameter_count, count_parameters
 from distillkac.paths import build_path
-from distillkac.presets import PRESETS, RunConfig, get_preset, hyperparameter_table
+from distillkac.presets import PRESETS, get_preset, hyperparameter_table
 from distillkac.sampling import cycle_labels, generate
 from distillkac.train import TeacherObjective, resolve_config, train, train_teacher
 
@@ -287,11 +288,11 @@ def test_dry_run_prints_config_and_parameter_count_and_writes_nothing(tmp_path, 
 
 @pytest.mark.parametrize(("argv", "message"), [
     (["--preset", "mnist"], "invalid choice: 'mnist'"),
-    (["--preset", "digits", "--steps", "-5"], "train.steps: must be an integer > 0"),
-    (["--preset", "digits", "--batch", "128", "--micro-batch", "48"], "must divide train.batch = 128"),
+    (["--preset", "digits", "--steps", "-5"], "--steps: must be an integer > 0"),
+    (["--preset", "digits", "--batch", "128", "--micro-batch", "48"], "must divide --batch = 128"),
     (["--preset", "digits", "--path", "ddpm"], "invalid choice: 'ddpm'"),
     (["--preset", "toy2d", "--resolution", "32"], "has no image network"),
-    (["--preset", "digits", "--label-dropout", "1.5"], "train.label_dropout"),
+    (["--preset", "digits", "--label-dropout", "1.5"], "--label-dropout: must be in [0, 1)"),
 ])
 def test_bad_train_options_exit_2_with_one_line(tmp_path, capsys, argv, message):
     code, _, err = run_cli(["train", "--outdir", str(tmp_path / "run"), *argv], capsys)
@@ -303,4 +304,4 @@ def test_bad_train_options_exit_2_with_one_line(tmp_path, capsys, argv, message)
 def test_help_shows_defaults(capsys):
     code, out, _ = run_cli(["train", "--help"], capsys)
     assert code == 0
-    assert "(default: the preset's value)" in out and "digits=800" in out.replace("\n", " ").replace("  ", "")
+    assert "(default: 800 digits; 400,000 cifar10, celeba64;" in " ".join(out.split())

@@ -32,8 +32,6 @@ ARTIFACT_VERSION = 1
 DEFAULT_TEACHER_STEPS = 100
 
 
-# ---------------------------------------------------------------------------------------- the artefact
-
 @dataclass(frozen=True)
 class Sampling:
     """How a model is sampled: solver steps, solver, CFG weight and time grid."""
@@ -237,11 +235,8 @@ def check_state_dict(model: nn.Module, state: dict[str, torch.Tensor], source: s
                                   f"{list(state[name].shape)}, the network needs {list(tensor.shape)}")
 
 
-# ---------------------------------------------------------------------------------- training state
-
-def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """``torch.save`` of plain data (tensors, dicts, lists, numbers, strings), written atomically."""
-    atomic_write_torch(path, state)
+save_training_state = atomic_write_torch
+"""``torch.save`` of plain data (tensors, dicts, lists, numbers, strings), written atomically."""
 
 
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:

@@ -3,9 +3,10 @@
 One command trains the class-conditional Kac-flow teacher, distils it 100 -> 20 -> 4 -> 2 -> 1 steps with
 velocity-space CFG (method.md §4), trains the two Gaussian baselines with the same network and budget
 (flow matching, sampled with Euler; VP diffusion, sampled with DDIM), evaluates every model at every step
-count with the digits metrics (the code of ``distillkac eval``), records the velocity along each model's
-trajectories, and writes ``DIR/report.md`` and ``DIR/report.json`` (``distillkac.report``). Every number
-comes from the run.
+count, and at half of each student's, with the digits metrics on disjoint seed blocks (the code of
+``distillkac eval``; every row on the same seeds and labels, so rows compare by paired differences),
+records the velocity along each model's trajectories, and writes ``DIR/report.md`` and ``DIR/report.json``
+(``distillkac.report``). Every number comes from the run.
 
 Each part is a run directory that resumes or is skipped on a rerun (``demo-part.json`` records when it
 finished, how long it took and the weights it used). Parts are jobs (``distillkac.jobs``) run in up to
@@ -39,10 +40,11 @@ from distillkac.jobs import Job, run_jobs
 from distillkac.metrics.digits import DigitsClassifier
 from distillkac.nets import build_network
 from distillkac.paths import build_path
-from distillkac.presets import PathConfig, get_distill_preset, get_preset
+from distillkac.presets import get_distill_preset, get_preset
 from distillkac.report import (
     CLOSENESS_PLOT,
     DISTILL_DIR,
+    EVAL_PRECISION,
     FLOW,
     FLOW_DIR,
     GUIDANCE,
@@ -81,8 +83,10 @@ OWN_ENTRIES = (TEACHER_DIR, FLOW_DIR, VP_DIR, DISTILL_DIR, EVAL_DIR, DIAGNOSTICS
 
 @dataclass(frozen=True)
 class DemoBudget:
-    """How much work each part does. ``plan``: the teacher's steps, then the students' (also the step
-    counts every teacher and baseline is evaluated at)."""
+    """How much work each part does. ``plan``: the teacher's steps, then the students' (every teacher and
+    baseline is evaluated at these step counts and at half of each even student step count, so that each
+    student meets every guided sampler at its own NFE). Every row is evaluated on ``eval_blocks`` seed
+    blocks of ``eval_samples`` images."""
 
     name: str
     plan: tuple[int, ...]
@@ -91,6 +95,7 @@ class DemoBudget:
     distill_steps: tuple[int, ...]
     distill_batch: int
     eval_samples: int
+    eval_blocks: int
     grid_samples: int
     profile_samples: int
     closeness_samples: int
@@ -101,15 +106,15 @@ class DemoBudget:
 BUDGETS: dict[str, DemoBudget] = {
     # About 10-15 minutes on 2 quiet CPU cores (two single-thread worker processes).
     "full": DemoBudget("full", plan=(100, 20, 4, 2, 1), train_steps=500, train_batch=128,
-                       distill_steps=(80, 200, 300, 300), distill_batch=64, eval_samples=300, grid_samples=50,
-                       profile_samples=100, closeness_samples=100, preview_steps=100, calibrate=True),
+                       distill_steps=(80, 200, 300, 300), distill_batch=64, eval_samples=100, eval_blocks=4,
+                       grid_samples=50, profile_samples=100, closeness_samples=100, preview_steps=100, calibrate=True),
     # About 3 minutes: the whole pipeline, too short to learn digits well.
     "quick": DemoBudget("quick", plan=(100, 20, 4, 2, 1), train_steps=150, train_batch=64,
-                        distill_steps=(20, 40, 40, 40), distill_batch=32, eval_samples=100, grid_samples=20,
-                        profile_samples=32, closeness_samples=32, preview_steps=20, calibrate=True),
+                        distill_steps=(20, 40, 40, 40), distill_batch=32, eval_samples=40, eval_blocks=3,
+                        grid_samples=20, profile_samples=32, closeness_samples=32, preview_steps=20, calibrate=True),
     # For the tests only: seconds; a shorter plan; the numbers mean nothing.
     "tiny": DemoBudget("tiny", plan=(4, 2, 1), train_steps=6, train_batch=32, distill_steps=(3, 3),
-                       distill_batch=16, eval_samples=20, grid_samples=10, profile_samples=8,
+                       distill_batch=16, eval_samples=20, eval_blocks=2, grid_samples=10, profile_samples=8,
                        closeness_samples=8, preview_steps=4, calibrate=False),
 }
 
@@ -123,10 +128,11 @@ def get_budget(name: str) -> DemoBudget:
 # --------------------------------------------------------------------------------------- configs
 
 def train_config(budget: DemoBudget, model: Model):
-    """The digits preset with the demo's budget, on the CPU, on ``model``'s path."""
+    """The digits preset with the demo's budget, on the CPU, on ``model``'s path (the preset's Kac constants
+    and schedules for the Kac teacher)."""
     config = get_preset("digits")
     steps, batch = budget.train_steps, budget.train_batch
-    config.path = PathConfig(kind=model.path_kind)
+    config.path = dataclasses.replace(config.path, kind=model.path_kind)
     config.optim = dataclasses.replace(config.optim, warmup_images=min(config.optim.warmup_images, steps * batch // 5))
     config.train = dataclasses.replace(
         config.train, steps=steps, batch=batch, micro_batch=batch, device="cpu", log_every=max(1, steps // 20),
@@ -242,17 +248,28 @@ def eval_tasks(budget: DemoBudget, outdir: Path) -> list[EvalTask]:
             EvalTask("students", students, "euler")]
 
 
+def eval_steps(plan: tuple[int, ...]) -> list[int]:
+    """The step counts every teacher and baseline is evaluated at, most first: the plan's, and half of each
+    even student step count (a guided sampler at S/2 steps spends the S NFE of the S-step student)."""
+    return sorted(set(plan) | {steps // 2 for steps in plan[1:] if steps % 2 == 0}, reverse=True)
+
+
 def eval_part(outdir: str, budget_name: str, task: EvalTask) -> dict[str, Any]:
-    """Evaluate ``task``'s models at every plan step count (students: their own), and draw a PNG grid of
-    the first ``grid_samples`` images of every row (same seeds and labels as the evaluation)."""
+    """Evaluate ``task``'s models at every step count of ``eval_steps`` (students: their own) on the budget's
+    seed blocks in fp32, and draw a PNG grid of the first ``grid_samples`` images of every row (the seeds
+    and labels of the first block)."""
     budget, root = get_budget(budget_name), Path(outdir)
     out = root / EVAL_DIR / task.name
     checkpoints = [str(root / c) for c in task.checkpoints]
-    inputs = {c: _weights(root / c) for c in task.checkpoints}
+    steps = eval_steps(budget.plan)
+    protocol = {"steps": steps, "num": budget.eval_samples, "blocks": budget.eval_blocks, "seed": SEED,
+                "precision": EVAL_PRECISION}
+    inputs = {**{c: _weights(root / c) for c in task.checkpoints}, "protocol": json.dumps(protocol)}
 
     def work() -> dict[str, Any]:
-        rows = evaluate(checkpoints, list(budget.plan), [task.solver], [GUIDANCE], "digits", budget.eval_samples,
-                        batch_size=256, seed=SEED, device="cpu", out=out, progress=False)
+        rows = evaluate(checkpoints, steps, [task.solver], [GUIDANCE], "digits", budget.eval_samples,
+                        batch_size=256, seed=SEED, device="cpu", out=out, progress=False, blocks=budget.eval_blocks,
+                        precision=EVAL_PRECISION)
         rows = [row for row in rows if "skipped" not in row]
         for row in rows:
             row["grid"] = _draw_grid(root, row, budget)

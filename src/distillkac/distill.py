@@ -7,13 +7,23 @@ Euler steps). The loss is the endpoint MSE
 
     ‖ (x_{t_k} - Δ·s_φ(x_{t_k}, t_k, y)) - Teacher_N(x_{t_k}; t_k → t_{k+1}, y) ‖²,   Δ = T/M,
 
-with ``k`` uniform in ``0..M-1`` and ``x_{t_k}`` forward-noised data (or a teacher roll-out from the prior).
+with ``k`` uniform in ``0..M-1`` and ``x_{t_k}`` forward-noised data, a teacher roll-out state, or either
+with probability 1/2 (``mix``). The ``velocity`` loss form divides the endpoint MSE by Δ², so every stage's
+loss is on the scale of a velocity error (Δ goes from T/20 to T over the plan).
+
+Roll-out start states come from a :class:`TrajectoryPool`: the teacher's UNINTERRUPTED solver (stage 1:
+AB-2 over its whole grid; later: the previous student's Euler steps) run once per prior draw, its states
+kept at the student's grid times, so one roll-out yields M training pairs ``(x_{t_k}, x_{t_{k+1}})``; the
+stage-1 target ``ab2-carried`` is the pooled ``x_{t_{k+1}}`` itself (AB-2's history carried across
+segments), ``ab2-restart`` restarts AB-2 with an Euler step at ``t_k`` (the paper's per-segment solve) and
+``euler`` takes Euler steps. Later stages' teachers are Euler students, for which all three coincide.
 Each stage trains a standalone student (kind "student": steps, grid, Euler, baked-in guidance, teacher
 hash); stages.py runs, resumes and guards the stages.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,12 +34,14 @@ import torch
 from torch import nn
 
 from distillkac.checkpoint import Artifact, load_artifact
+from distillkac.config import LOSS_FORMS, STAGE1_TARGETS, START_STATES
 from distillkac.errors import DistillKacError
 from distillkac.guidance import check_guidance, guided_velocity
 from distillkac.paths import per_row
-from distillkac.presets import START_STATES
 from distillkac.rng import rand
+from distillkac.runtime import autocast
 from distillkac.solvers import VelocityFn, solve, time_grid
+from distillkac.train import derive_seed
 
 # ------------------------------------------------------------------------------------------ the plan
 
@@ -91,7 +103,8 @@ class Teacher:
     """A frozen teacher: its network, meta, weights hash, own step count and solver.
 
     ``forward_guidance`` is the CFG weight applied at each evaluation (stage 1); a student teacher has
-    its guidance baked in (``forward_guidance`` 0, ``guidance`` its meta's weight).
+    its guidance baked in (``forward_guidance`` 0, ``guidance`` its meta's weight). ``precision`` (auto,
+    fp32, bf16) is what its network runs in; None: the enclosing one (the training step's).
     """
 
     model: nn.Module
@@ -102,9 +115,13 @@ class Teacher:
     guidance: float
     forward_guidance: float
     artifact: Path
+    precision: str | None = None
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return guided_velocity(self.model, x, t, y, self.forward_guidance)
+        if self.precision is None:
+            return guided_velocity(self.model, x, t, y, self.forward_guidance)
+        with autocast(x.device, self.precision):
+            return guided_velocity(self.model, x, t, y, self.forward_guidance)
 
     def record(self) -> dict[str, Any]:
         """What a stage stores about its teacher (compared when a stage is resumed or skipped)."""
@@ -121,10 +138,10 @@ def teacher_record(meta: dict[str, Any], steps: int, guidance: float) -> dict[st
 
 
 def load_teacher(artifact: str | os.PathLike, steps: int, guidance: float,
-                 device: str | torch.device = "cpu") -> Teacher:
+                 device: str | torch.device = "cpu", precision: str | None = None) -> Teacher:
     """Load a teacher artefact. A Kac teacher (or baseline) runs guided AB-2 with ``steps`` steps and CFG
     weight ``guidance``; a student runs its own Euler steps (which must equal ``steps``) with its baked-in
-    guidance (which must equal ``guidance``)."""
+    guidance (which must equal ``guidance``). ``precision``: see :class:`Teacher`."""
     artifact = Path(artifact)
     model, meta = load_artifact(artifact, device=device)
     model.requires_grad_(False)
@@ -140,9 +157,9 @@ def load_teacher(artifact: str | os.PathLike, steps: int, guidance: float,
             raise DistillKacError(f"--guidance: {artifact} is a student with guidance w={own.guidance:g} baked "
                                   f"in; its students keep it (got {guidance:g})")
         return Teacher(model, meta, meta["weights_sha256"], steps, own.solver, own.guidance, own.forward_guidance,
-                       artifact)
+                       artifact, precision)
     weight = check_guidance(guidance, int(meta["num_classes"]))
-    return Teacher(model, meta, meta["weights_sha256"], steps, "ab2", weight, weight, artifact)
+    return Teacher(model, meta, meta["weights_sha256"], steps, "ab2", weight, weight, artifact, precision)
 
 
 # ------------------------------------------------------------------------------------------ the loss
@@ -158,19 +175,112 @@ class EndpointPair(NamedTuple):
     k: torch.Tensor
 
 
+def pool_size(batch: int, refresh: int, student_steps: int, reuse: float) -> int:
+    """Roll-outs per pool so that each of its ``size · M`` pairs is drawn ``reuse`` times on average over
+    the ``refresh`` optimiser steps of ``batch`` pairs it serves."""
+    return max(1, math.ceil(batch * refresh / (student_steps * reuse)))
+
+
+@dataclass(frozen=True)
+class PoolSettings:
+    """``size`` roll-outs per pool, a new pool every ``refresh`` optimiser steps, seeded from ``seed``, rolled out
+    ``chunk`` at a time (a micro-batch: the teacher's memory) in ``precision``."""
+
+    size: int
+    refresh: int
+    seed: int
+    chunk: int = 256
+    precision: str = "auto"
+
+
+class TrajectoryPool:
+    """The teacher's roll-outs at the student's grid times, rebuilt every ``refresh`` optimiser steps.
+
+    Pool ``r`` serves steps ``r·refresh .. (r+1)·refresh - 1``; its prior draws and labels come from a
+    generator seeded from ``(seed, "pool", stage, r)``, so a resumed stage rebuilds exactly the pool it had.
+    ``states[i, j]`` is roll-out ``i`` at ``t_j`` (``j = 0..M``), after ``j·N`` teacher steps.
+    """
+
+    def __init__(self, teacher: Teacher, path, stage: Stage, num_classes: int, settings: PoolSettings) -> None:
+        self.teacher, self.path, self.stage, self.num_classes = teacher, path, stage, num_classes
+        self.settings = settings
+        self.index = 0
+        self._built: tuple | None = None
+        self.states = self.labels = torch.empty(0)
+
+    def select(self, step: int) -> None:
+        """Use the pool that serves optimiser step ``step`` (0-based)."""
+        self.index = step // self.settings.refresh
+
+    def ensure(self, shape: Sequence[int], device: torch.device, dtype: torch.dtype) -> None:
+        key = (self.index, tuple(shape), device, dtype)
+        if self._built != key:
+            self.states, self.labels = self.rollouts(tuple(shape), device, dtype)
+            self._built = key
+
+    @torch.no_grad()
+    def rollouts(self, shape: tuple[int, ...], device: torch.device, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Roll the teacher out from ``size`` prior draws with its own solver over its whole grid."""
+        size, M, N = self.settings.size, self.stage.student_steps, self.stage.segment
+        seed = derive_seed(self.settings.seed, "pool", self.stage.index, self.index)
+        generator = torch.Generator(device=device).manual_seed(seed)
+        prior = self.path.prior((size, *shape), generator=generator, device=device, dtype=dtype)
+        if self.num_classes:
+            draws = rand((size,), generator, dtype=torch.float64, device=device) * self.num_classes
+            labels = torch.clamp(draws.long(), max=self.num_classes - 1)
+        else:
+            labels = torch.zeros(size, dtype=torch.long, device=device)
+        states = torch.empty((size, M + 1, *shape), dtype=dtype, device=device)
+        grid = time_grid(M * N, self.path.T).to(device)
+        for start in range(0, size, self.settings.chunk):
+            rows = slice(start, start + self.settings.chunk)
+            self._roll_out(prior[rows], labels[rows], grid, states[rows])
+        return states, labels
+
+    def _roll_out(self, prior: torch.Tensor, labels: torch.Tensor, grid: torch.Tensor, out: torch.Tensor) -> None:
+        """Fill ``out[:, j]`` with the roll-out from ``prior`` after ``j·N`` teacher steps."""
+        N = self.stage.segment
+
+        def keep(step: int, t: float, x: torch.Tensor, u: torch.Tensor) -> None:
+            if step % N == 0:
+                out[:, step // N] = x
+
+        with autocast(prior.device, self.settings.precision):
+            final = solve(lambda x, t: self.teacher.velocity(x, t, labels), prior, grid, method=self.teacher.solver,
+                          on_step=keep).x
+        out[:, -1] = final.to(out.dtype)
+
+
 class EndpointObjective:
-    """The endpoint-distillation loss of one stage (method.md §4) as a train.py Objective."""
+    """The endpoint-distillation loss of one stage (method.md §4) as a train.py Objective.
+
+    ``start_states`` and ``target`` are as in :class:`distillkac.config.DistillConfig`; ``pool`` sizes the
+    trajectory pool (needed unless the start states are ``data``). The training loop calls
+    :meth:`prepare_step` before each optimiser step, which selects the pool serving that step.
+    """
 
     def __init__(self, teacher: Teacher, path, stage: Stage, start_states: str = "data",
-                 history: Sequence[dict[str, Any]] = ()) -> None:
+                 history: Sequence[dict[str, Any]] = (), *, target: str = "ab2-restart", loss: str = "endpoint",
+                 pool: PoolSettings | None = None) -> None:
         if start_states not in START_STATES:
             raise DistillKacError(f"--start-states: must be one of {', '.join(START_STATES)}, got {start_states!r}")
+        if target not in STAGE1_TARGETS:
+            raise DistillKacError(f"--target: must be one of {', '.join(STAGE1_TARGETS)}, got {target!r}")
+        if target == "ab2-carried" and start_states == "data":
+            raise DistillKacError("--target: ab2-carried reads the teacher's roll-outs; use it with --start-states "
+                                  "rollout or mix")
+        if loss not in LOSS_FORMS:
+            raise DistillKacError(f"--loss: must be one of {', '.join(LOSS_FORMS)}, got {loss!r}")
         if stage.teacher_steps != teacher.steps:
             raise DistillKacError(f"stage {stage.index}: its teacher takes {teacher.steps} steps, "
                                   f"the plan says {stage.teacher_steps}")
         self.teacher, self.path, self.stage, self.start_states = teacher, path, stage, start_states
+        self.target, self.loss = target, loss
         self.num_classes = int(teacher.meta["num_classes"])
         self.history = list(history)
+        self.pool = None if start_states == "data" else TrajectoryPool(
+            teacher, path, stage, self.num_classes, pool or PoolSettings(size=64, refresh=20, seed=0))
         self._teacher_device: torch.device | None = None
 
     def _teacher_on(self, device: torch.device) -> None:
@@ -178,10 +288,25 @@ class EndpointObjective:
             self.teacher.model.to(device)
             self._teacher_device = device
 
+    def prepare_step(self, step: int) -> None:
+        """Called by the training loop before optimiser step ``step`` (0-based)."""
+        if self.pool is not None:
+            self.pool.select(step)
+
+    def _segment_solver(self) -> str:
+        return "euler" if self.target == "euler" else self.teacher.solver
+
+    def _carried_target_is_requested(self) -> bool:
+        """Whether the pooled endpoint is the requested target: ``ab2-carried``, or a teacher whose solver has
+        no history to restart (Euler), unless Euler is asked of an AB-2 teacher."""
+        return self.target == "ab2-carried" or self._segment_solver() == self.teacher.solver == "euler"
+
     @torch.no_grad()
     def endpoint_pair(self, x0: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> EndpointPair:
-        """Draw ``k`` and the start state, and run the teacher's N steps from ``t_k`` to ``t_{k+1}`` (row ``b``
-        on its own segment of the teacher's grid: times ``k_b·N .. (k_b + 1)·N`` of its M·N steps)."""
+        """Draw ``k`` and the start state, and the teacher's endpoint at ``t_{k+1}`` (row ``b`` on its own
+        segment of the teacher's grid: times ``k_b·N .. (k_b + 1)·N`` of its M·N steps). Draw order: ``k``;
+        then (mix) which rows are pooled; then (pool) the roll-out of each pooled row; then (data) the
+        path's noise."""
         self._teacher_on(x0.device)
         batch, M, N = x0.shape[0], self.stage.student_steps, self.stage.segment
         y = torch.zeros_like(y) if self.num_classes == 0 else y
@@ -189,52 +314,53 @@ class EndpointObjective:
         segments = k[:, None] * N + torch.arange(N + 1, device=x0.device)
         grid = time_grid(M * N, self.path.T).to(x0.device)[segments]
         t_start, t_end = grid[:, 0].to(x0.dtype), grid[:, -1].to(x0.dtype)
-        if self.start_states == "data":
-            x_start = self.path.sample(x0, t_start, generator=generator).x_t
-        else:
-            x_start = self._rollout(x0, y, k, generator)
-        target = solve(self._teacher_fn(y), x_start, grid, method=self.teacher.solver).x
+        pooled = self._pooled_rows(batch, generator, x0.device)
+        x_start, target = torch.empty_like(x0), torch.empty_like(x0)
+        if pooled.any():
+            self.pool.ensure(x0.shape[1:], x0.device, x0.dtype)
+            draws = rand((int(pooled.sum()),), generator, dtype=torch.float64, device=x0.device)
+            rows = torch.clamp((draws * self.pool.settings.size).long(), max=self.pool.settings.size - 1)
+            x_start[pooled] = self.pool.states[rows, k[pooled]]
+            target[pooled] = self.pool.states[rows, k[pooled] + 1]
+            y = y.clone()
+            y[pooled] = self.pool.labels[rows]
+        if not pooled.all():
+            x_start[~pooled] = self.path.sample(x0, t_start, generator=generator).x_t[~pooled]
+        solved = ~pooled if self._carried_target_is_requested() else torch.ones_like(pooled)
+        if solved.any():
+            target[solved] = solve(self._teacher_fn(y[solved]), x_start[solved], grid[solved],
+                                   method=self._segment_solver()).x
         return EndpointPair(x_start, t_start, t_end, target, y, k)
+
+    def _pooled_rows(self, batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+        if self.start_states == "data":
+            return torch.zeros(batch, dtype=torch.bool, device=device)
+        if self.start_states == "rollout":
+            return torch.ones(batch, dtype=torch.bool, device=device)
+        return rand((batch,), generator, dtype=torch.float64, device=device) < 0.5
 
     def _teacher_fn(self, y: torch.Tensor) -> VelocityFn:
         return lambda x, t: self.teacher.velocity(x, t, y)
-
-    def _rollout(self, x0: torch.Tensor, y: torch.Tensor, k: torch.Tensor,
-                 generator: torch.Generator) -> torch.Tensor:
-        """The teacher's own solver on its own grid from a prior draw at T; row ``b`` stops at ``t_{k_b}``
-        (after ``k_b·N`` of its steps)."""
-        x_prior = self.path.prior(tuple(x0.shape), generator=generator, device=x0.device, dtype=x0.dtype)
-        stops = k * self.stage.segment
-        longest = int(stops.max())
-        if longest == 0:
-            return x_prior
-        states = torch.empty_like(x_prior)
-
-        def keep(step: int, t: float, x: torch.Tensor, u: torch.Tensor) -> None:
-            rows = stops == step
-            states[rows] = x[rows]
-
-        grid = time_grid(self.teacher.steps, self.path.T)[:longest + 1]
-        final = solve(self._teacher_fn(y), x_prior, grid, method=self.teacher.solver, on_step=keep).x
-        rows = stops == longest
-        states[rows] = final[rows]
-        return states
 
     def per_sample_loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
                         generator: torch.Generator) -> torch.Tensor:
         pair = self.endpoint_pair(x0, y, generator)
         delta = per_row(pair.t_start.double() - pair.t_end.double(), pair.x_start)
         prediction = pair.x_start - delta * model(pair.x_start, pair.t_start, pair.y)
-        return (prediction.float() - pair.target.float()).square().flatten(1).mean(dim=1)
+        loss = (prediction.float() - pair.target.float()).square().flatten(1).mean(dim=1)
+        if self.loss == "velocity":
+            loss = loss / (pair.t_start.double() - pair.t_end.double()).square().to(loss.dtype)
+        return loss
 
     def stage_record(self) -> dict[str, Any]:
         return {"steps": self.stage.student_steps, "teacher_steps": self.teacher.steps,
                 "teacher_solver": self.teacher.solver, "teacher_kind": self.teacher.meta.get("kind"),
-                "teacher_sha256": self.teacher.sha256, "start_states": self.start_states}
+                "teacher_sha256": self.teacher.sha256, "start_states": self.start_states, "target": self.target,
+                "loss": self.loss}
 
     def artifact_meta(self) -> dict[str, Any]:
         M = self.stage.student_steps
-        return {"kind": Artifact.STUDENT, "path": self.path.to_config(), "objective": "endpoint-mse",
+        return {"kind": Artifact.STUDENT, "path": self.path.to_config(), "objective": f"{self.loss}-mse",
                 "steps": M, "grid": "uniform", "grid_times": time_grid(M, self.path.T).tolist(),
                 "solver": "euler", "guidance": self.teacher.guidance, "teacher_sha256": self.teacher.sha256,
                 "teacher_steps": self.teacher.steps, "teacher_solver": self.teacher.solver,

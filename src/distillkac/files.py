@@ -162,6 +162,44 @@ def check_output_dir(path: str | os.PathLike, option: str) -> Path:
     return path
 
 
+def check_new_output_dir(path: str | os.PathLike, option: str, *, overwrite: bool,
+                         resumes: Callable[[Path], bool] | None = None, what: str = "") -> Path:
+    """:func:`check_output_dir`, and refuse (one line) a directory that already holds results, unless
+    ``overwrite``: one with visible entries (hidden ones such as ``.lock`` do not count) for which
+    ``resumes(path)`` is not true. ``resumes`` recognises a run of the same command (``what`` names it),
+    which the command continues. Creates nothing."""
+    path = check_output_dir(path, option)
+    if overwrite or not path.is_dir() or (resumes is not None and resumes(path)):
+        return path
+    if any(not entry.name.startswith(".") for entry in path.iterdir()):
+        kind = f" and is not {what}" if what else ""
+        raise DistillKacError(f"{option}: {path} is not empty{kind}; choose a new directory or add --overwrite "
+                              f"to write into it")
+    return path
+
+
+def check_new_output_file(path: str | os.PathLike, option: str, *, overwrite: bool) -> Path:
+    """Refuse (one line) an existing ``path`` unless ``overwrite``, a directory in its place, and a parent
+    that cannot be created or written. Creates nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise DistillKacError(f"{option}: {path} is a directory; give the file to write")
+    if path.exists() and not overwrite:
+        raise DistillKacError(f"{option}: {path} already exists; choose a new file or add --overwrite to "
+                              f"replace it")
+    check_output_dir(path.parent, option)
+    return path
+
+
+def read_json_object(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The JSON object in the file ``path``; None when it is missing, unreadable or not an object."""
+    try:
+        value = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
 # -------------------------------------------------------------------------------------------- lock
 
 def _pid_alive(pid: int) -> bool:

@@ -7,14 +7,15 @@ single-thread processes beat one process with two threads on 2 cores).
 
 from __future__ import annotations
 
-import contextlib
 import multiprocessing
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+from distillkac.runtime import torch_threads
 
 
 @dataclass(frozen=True)
@@ -34,7 +35,7 @@ def run_jobs(jobs: Sequence[Job], workers: int = 1, threads: int | None = None) 
     one worker the jobs run here in list order (which must respect the dependencies) and the first failure
     stops the rest. ``threads=None`` leaves torch's thread count alone."""
     if workers <= 1:
-        with _torch_threads(threads):
+        with torch_threads(threads):
             return _run_in_order(jobs)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
                                initializer=_init_worker, initargs=(threads,))
@@ -47,16 +48,6 @@ def run_jobs(jobs: Sequence[Job], workers: int = 1, threads: int | None = None) 
 def _init_worker(threads: int | None) -> None:
     if threads is not None:
         torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def _torch_threads(threads: int | None) -> Iterator[None]:
-    previous = torch.get_num_threads()
-    _init_worker(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _run_in_order(jobs: Sequence[Job]) -> dict[str, Any]:

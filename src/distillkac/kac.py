@@ -80,7 +80,6 @@ class KacProcess:
         object.__setattr__(self, "a", _check_positive_finite("a (flip rate)", self.a))
         object.__setattr__(self, "c", _check_positive_finite("c (speed)", self.c))
 
-    # ----------------------------------------------------------------------------------------- sampling
     def sample(self, t: torch.Tensor, shape, generator: GeneratorLike = None,
                validate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact draws of ``X_t`` for every coordinate: ``t`` is ``[B]``, the result ``[B, *shape]`` twice.
@@ -113,7 +112,6 @@ class KacProcess:
         tau = torch.where(on_edge, torch.nextafter(tau, torch.zeros_like(tau)), tau)
         return tau, is_atom
 
-    # -------------------------------------------------------------------------------------- the law
     def atom_mass(self, t) -> torch.Tensor:
         """Total mass of the two atoms ``x = ±ct``: ``e^{-at}`` (each carries half)."""
         t = _check_tensor("t", t, allow_negative=False)

@@ -23,15 +23,23 @@ from distillkac.files import atomic_write_bytes
 T = TypeVar("T")
 
 
+#: What a file that is not an .npz (a zip archive) starts with, for the error message.
+_SIGNATURES = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF8": "a GIF image",
+               b"\x93NUMPY": "a single .npy array", b"\x80": "a Python pickle"}
+
+
 def read_npz(file: Path, keys: Sequence[str], problem: str, optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """The arrays ``keys`` (and those of ``optional`` the archive has) of an .npz archive, loaded without
-    pickles; ``problem`` starts any error."""
+    pickles; ``problem`` starts any error, which says what the file is when it is not an .npz."""
+    with open(file, "rb") as handle:
+        head = handle.read(8)
+    if not head.startswith(b"PK"):
+        kind = next((name for start, name in _SIGNATURES.items() if head.startswith(start)), "not a zip archive")
+        raise DistillKacError(f"{problem} (it is {kind}, not an .npz archive)")
     try:
         loaded = np.load(file, allow_pickle=False)
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise DistillKacError(f"{problem} ({type(err).__name__}: {err})") from err
-    if not isinstance(loaded, np.lib.npyio.NpzFile):
-        raise DistillKacError(f"{problem} (a single .npy array, not an .npz archive)")
+        raise DistillKacError(f"{problem} ({_reason(err)})") from err
     with loaded:
         missing = [key for key in keys if key not in loaded.files]
         if missing:
@@ -40,7 +48,18 @@ def read_npz(file: Path, keys: Sequence[str], problem: str, optional: Sequence[s
         try:
             return {key: loaded[key] for key in (*keys, *optional) if key in loaded.files}
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-            raise DistillKacError(f"{problem} ({type(err).__name__}: {err})") from err
+            raise DistillKacError(f"{problem} ({_reason(err)})") from err
+
+
+def _reason(err: Exception) -> str:
+    """Why numpy could not read an archive, in one line (never numpy's advice to load pickles)."""
+    if "pickle" in str(err):
+        return "it holds Python objects, which are never loaded"
+    return f"{type(err).__name__}: {_first_line(str(err))}"
+
+
+def _first_line(text: str) -> str:
+    return (text.strip().splitlines() or [""])[0]
 
 
 def note(message: str) -> None:

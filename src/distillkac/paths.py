@@ -93,9 +93,7 @@ class KacPath:
     def sample(self, x0: torch.Tensor, t: torch.Tensor, generator: GeneratorLike = None) -> PathSample:
         tb = per_row(t, x0)
         f, df, g, dg = self.coefficients(tb)
-        clock = g.reshape(-1)
-        tau, is_atom = self.process.sample(clock, x0.shape[1:], generator, validate=False)
-        tau = tau.to(x0.dtype)
+        tau, is_atom = self.process.sample(g.reshape(-1), x0.shape[1:], generator, validate=False)
         velocity = self.process.velocity(tau, g, is_atom=is_atom, validate=False)
         return PathSample(f * x0 + tau, df * x0 + dg * velocity, tau)
 

@@ -1,316 +1,32 @@
-"""Run configurations: dataclasses for every part of a run, and the per-dataset presets.
-
-A ``RunConfig`` is what a run directory's ``config.json`` holds (plus an ``"environment"`` record
-written by the training loop); ``to_dict()`` / ``from_dict()`` round-trip it through JSON and
-``validate()`` rejects nonsense with a one-line ``DistillKacError`` naming the field. A ``DistillConfig``
-describes a whole distillation; each of its stages is a RunConfig with the teacher's network and path.
-
-Batch sizes are GLOBAL (EDM practice): ``train.batch`` images per optimiser step whatever the number
-of processes, cut into fixed micro-batches of ``train.micro_batch`` images (see train.py for why this
-makes a run independent of the process count). EMA is given as a half-life in images, so its meaning
-does not change with the batch size: ``beta = 0.5 ** (batch / ema_halflife_images)``. An EMA decay
-``d`` per step of ``B`` images has the half-life ``B * ln(0.5) / ln(d)`` images.
-"""
+"""The per-dataset presets: the run config of each training preset and of a folder of the user's own
+images, and the config of each distillation (the dataclasses are in config.py)."""
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
-from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
-from functools import partial
-from typing import Any
 
-from distillkac.data import DataConfig
+from distillkac.config import DistillConfig, OptimConfig, RunConfig, TrainConfig, ema_halflife_for_decay
+from distillkac.data import DataConfig, ImageSetInfo
 from distillkac.errors import DistillKacError
-from distillkac.fields import dataclass_from_dict
-from distillkac.nets import (
-    REFERENCE_CONFIGS,
-    MLPConfig,
-    NetworkConfig,
-    UNetConfig,
-    config_parameter_count,
-    network_config_from_dict,
-)
+from distillkac.nets import REFERENCE_CONFIGS, MLPConfig, NetworkConfig, UNetConfig, config_parameter_count
 from distillkac.paths import PathConfig
-from distillkac.runtime import PRECISIONS
 
-CHANNELS_LAST = ("auto", "on", "off")
-PREVIEW_SOLVERS = ("euler", "ab2", "heun", "midpoint", "ddim")
-START_STATES = ("data", "rollout")
-
-
-def ema_halflife_for_decay(decay: float, batch: int) -> float:
-    """The EMA half-life in images equivalent to a per-step decay ``decay`` at batch size ``batch``."""
-    return batch * math.log(0.5) / math.log(decay)
-
-
-def _fail(field_name: str, rule: str, value: Any) -> None:
-    raise DistillKacError(f"{field_name}: {rule}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
-@dataclass
-class OptimConfig:
-    """AdamW with a linear learning-rate warm-up over ``warmup_images`` images and gradient clipping
-    at global norm ``grad_clip`` (0 = no clipping)."""
-
-    lr: float = 2e-4
-    betas: tuple[float, float] = (0.9, 0.999)
-    weight_decay: float = 0.0
-    warmup_images: int = 640_000
-    grad_clip: float = 1.0
-    eps: float = 1e-8
-
-    def validate(self) -> None:
-        if not (_is_number(self.lr) and self.lr > 0):
-            _fail("optim.lr", "must be a finite number > 0", self.lr)
-        betas = tuple(self.betas) if isinstance(self.betas, list | tuple) else ()
-        if len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
-            _fail("optim.betas", "must be two numbers in [0, 1)", self.betas)
-        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
-            _fail("optim.weight_decay", "must be a finite number >= 0", self.weight_decay)
-        if not (_is_int(self.warmup_images) and self.warmup_images >= 0):
-            _fail("optim.warmup_images", "must be an integer >= 0", self.warmup_images)
-        if not (_is_number(self.grad_clip) and self.grad_clip >= 0):
-            _fail("optim.grad_clip", "must be a finite number >= 0 (0 = no clipping)", self.grad_clip)
-        if not (_is_number(self.eps) and self.eps > 0):
-            _fail("optim.eps", "must be a finite number > 0", self.eps)
-
-
-@dataclass
-class TrainConfig:
-    """The training loop's settings (train.py). ``batch`` is global; ``ema_rampup`` (EDM's ramp-up
-    ratio, None = off) caps the EMA half-life at ``ema_rampup * images_seen`` early in training."""
-
-    steps: int = 400_000
-    batch: int = 128
-    micro_batch: int = 32
-    ema_halflife_images: float = 887_000.0
-    ema_rampup: float | None = 0.05
-    label_dropout: float = 0.1
-    seed: int = 0
-    log_every: int = 100
-    ckpt_every: int = 10_000
-    sample_every: int = 10_000
-    preview_steps: int = 100
-    preview_solver: str = "ab2"
-    preview_guidance: float = 1.0
-    precision: str = "auto"
-    channels_last: str = "auto"
-    compile: bool = False
-    device: str = "auto"
-    skip_nonfinite: int = 0
-
-    def validate(self) -> None:
-        positive = ("steps", "batch", "micro_batch", "log_every", "ckpt_every", "sample_every",
-                    "preview_steps")
-        for name in positive:
-            value = getattr(self, name)
-            if not (_is_int(value) and value > 0):
-                _fail(f"train.{name}", "must be an integer > 0", value)
-        if self.batch % self.micro_batch:
-            _fail("train.micro_batch", f"must divide train.batch = {self.batch}", self.micro_batch)
-        if not (_is_number(self.ema_halflife_images) and self.ema_halflife_images > 0):
-            _fail("train.ema_halflife_images", "must be a finite number > 0", self.ema_halflife_images)
-        if self.ema_rampup is not None and not (_is_number(self.ema_rampup) and self.ema_rampup > 0):
-            _fail("train.ema_rampup", "must be a number > 0 or null (no ramp-up)", self.ema_rampup)
-        if not (_is_number(self.label_dropout) and 0 <= self.label_dropout < 1):
-            _fail("train.label_dropout", "must be in [0, 1)", self.label_dropout)
-        if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
-            _fail("train.seed", "must be an integer in [0, 2**63)", self.seed)
-        if self.preview_solver not in PREVIEW_SOLVERS:
-            _fail("train.preview_solver", f"must be one of {', '.join(PREVIEW_SOLVERS)}", self.preview_solver)
-        if not (_is_number(self.preview_guidance) and self.preview_guidance >= 0):
-            _fail("train.preview_guidance", "must be a finite number >= 0", self.preview_guidance)
-        if self.precision not in PRECISIONS:
-            _fail("train.precision", f"must be one of {', '.join(PRECISIONS)}", self.precision)
-        if self.channels_last not in CHANNELS_LAST:
-            _fail("train.channels_last", f"must be one of {', '.join(CHANNELS_LAST)}", self.channels_last)
-        if not isinstance(self.compile, bool):
-            _fail("train.compile", "must be true or false", self.compile)
-        if not isinstance(self.device, str) or not self.device:
-            _fail("train.device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
-        if not (_is_int(self.skip_nonfinite) and self.skip_nonfinite >= 0):
-            _fail("train.skip_nonfinite", "must be an integer >= 0", self.skip_nonfinite)
-
-
-#: Fields of ``train`` a resumed run may change: length, logging, previews and checkpoint cadence.
-RESUMABLE_TRAIN_FIELDS = ("steps", "log_every", "ckpt_every", "sample_every", "preview_steps",
-                          "preview_solver", "preview_guidance")
-
-
-@dataclass
-class DistillConfig:
-    """A distillation (stages.py): the plan of step counts (teacher first), the CFG weight baked into the
-    students, where the start states ``x_{t_k}`` come from, the optimiser steps of each stage (one count
-    for all, or one per stage), the prior draws of the path-closeness curve, and the optimiser and loop
-    that every stage shares. A stage runs ``train`` at its own length (``train.steps`` is not used)."""
-
-    plan: tuple[int, ...] = (100, 20, 4, 2, 1)
-    guidance: float = 0.0
-    start_states: str = "data"
-    steps_per_stage: int | tuple[int, ...] = 10_000
-    closeness_samples: int = 256
-    optim: OptimConfig = field(default_factory=partial(OptimConfig, lr=1e-4, warmup_images=0))
-    train: TrainConfig = field(default_factory=partial(TrainConfig, ema_halflife_images=100_000.0,
-                                                       ckpt_every=1000, sample_every=1000))
-
-    def validate(self) -> DistillConfig:
-        """Refuse nonsense in the distillation's own fields (``optim`` and ``train`` are validated with
-        each stage's RunConfig); returns self."""
-        if self.start_states not in START_STATES:
-            raise DistillKacError(f"--start-states: must be one of {', '.join(START_STATES)}, "
-                                  f"got {self.start_states!r}")
-        if not (isinstance(self.closeness_samples, int) and self.closeness_samples >= 1):
-            raise DistillKacError(f"--closeness-samples: must be a positive integer, got {self.closeness_samples!r}")
-        if not (isinstance(self.guidance, int | float) and math.isfinite(self.guidance) and self.guidance >= 0):
-            raise DistillKacError(f"--guidance: must be a finite number >= 0, got {self.guidance!r}")
-        counts = self.steps_per_stage if isinstance(self.steps_per_stage, tuple) else (self.steps_per_stage,)
-        if isinstance(self.steps_per_stage, tuple) and len(counts) != len(self.plan) - 1:
-            raise DistillKacError(f"--steps-per-stage: give one count, or one per stage ({len(self.plan) - 1} for "
-                                  f"the plan {','.join(map(str, self.plan))}), got {len(counts)}")
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
-            raise DistillKacError(f"--steps-per-stage: must be positive integers, got {self.steps_per_stage!r}")
-        return self
-
-    def stage_steps(self, stage) -> int:
-        """Optimiser steps of ``stage`` (a :class:`distillkac.distill.Stage`, numbered from 1)."""
-        if isinstance(self.steps_per_stage, tuple):
-            return self.steps_per_stage[stage.index - 1]
-        return self.steps_per_stage
-
-    def with_changes(self, changes: Mapping[str, Any]) -> DistillConfig:
-        """A copy with ``changes`` applied; a key is a field name, or ``optim.<name>`` / ``train.<name>``."""
-        parts: dict[str, dict[str, Any]] = {"": {}, "optim": {}, "train": {}}
-        for name, value in changes.items():
-            part, _, key = name.rpartition(".")
-            parts[part][key] = value
-        return dataclasses.replace(self, optim=dataclasses.replace(self.optim, **parts["optim"]),
-                                   train=dataclasses.replace(self.train, **parts["train"]), **parts[""])
-
-
-@dataclass
-class RunConfig:
-    """Everything that defines a run: data, network, path, optimiser, loop (and, for a distillation stage,
-    its record: stage, step counts, guidance, start states and the teacher's identity)."""
-
-    data: DataConfig
-    net: NetworkConfig
-    path: PathConfig = field(default_factory=PathConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    distill: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (tuples become lists when dumped)."""
-        return {"data": dataclasses.asdict(self.data), "net": self.net.to_dict(),
-                "path": dataclasses.asdict(self.path), "optim": dataclasses.asdict(self.optim),
-                "train": dataclasses.asdict(self.train), "distill": self.distill}
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> RunConfig:
-        """Inverse of ``to_dict`` (a run directory's ``"environment"`` record is ignored)."""
-        if not isinstance(values, dict):
-            raise DistillKacError(f"config: expected a JSON object, got {type(values).__name__}")
-        allowed = {"data", "net", "path", "optim", "train", "distill", "environment"}
-        unknown = sorted(set(values) - allowed)
-        if unknown:
-            raise DistillKacError(f"config: unknown key(s) {unknown}; allowed keys: {sorted(allowed)}")
-        for required in ("data", "net"):
-            if required not in values:
-                raise DistillKacError(f"config: missing key {required!r}")
-        distill = values.get("distill")
-        if distill is not None and not isinstance(distill, dict):
-            raise DistillKacError(f"config.distill: expected a JSON object or null, "
-                                  f"got {type(distill).__name__}")
-        return cls(data=DataConfig.from_dict(values["data"]), net=network_config_from_dict(values["net"]),
-                   path=dataclass_from_dict(PathConfig, values.get("path", {}), "path"),
-                   optim=dataclass_from_dict(OptimConfig, values.get("optim", {}), "optim"),
-                   train=dataclass_from_dict(TrainConfig, values.get("train", {}), "train"),
-                   distill=distill)
-
-    def validate(self) -> RunConfig:
-        """Raise DistillKacError (one line, naming the field) for any nonsense value; returns self."""
-        if not isinstance(self.data, DataConfig):
-            _fail("data", "must be a DataConfig", type(self.data).__name__)
-        if not isinstance(self.net, UNetConfig | MLPConfig):
-            _fail("net", "must be a UNetConfig or MLPConfig", type(self.net).__name__)
-        self.net.validate()
-        self.path.validate()
-        self.optim.validate()
-        self.train.validate()
-        is_toy = self.data.name == "toy2d"
-        if is_toy != isinstance(self.net, MLPConfig):
-            _fail("net.kind", "toy2d data needs the mlp network and images need the unet", self.net.kind)
-        if isinstance(self.net, UNetConfig):
-            if self.data.resolution is not None and self.data.resolution != self.net.resolution:
-                _fail("net.resolution", f"must equal data.resolution = {self.data.resolution}",
-                      self.net.resolution)
-            if self.data.channels is not None and self.data.channels != self.net.image_channels:
-                _fail("net.image_channels", f"must equal data.channels = {self.data.channels}",
-                      self.net.image_channels)
-        return self
-
-
-def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the fields that differ between two ``RunConfig.to_dict()`` dicts."""
-    differing = []
-    for key in sorted(set(old) | set(new)):
-        name = f"{prefix}{key}"
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            differing.extend(config_differences(a, b, f"{name}."))
-        elif _normalise(a) != _normalise(b):
-            differing.append(name)
-    return differing
-
-
-def first_difference(stored: dict[str, Any], current: dict[str, Any], ignored: Collection[str] = ()
-                     ) -> tuple[str, Any, Any] | None:
-    """``(dotted name, stored value, current value)`` of the first field (in ``config_differences``
-    order) that differs between two ``RunConfig.to_dict()`` dicts and is not in ``ignored``; None if none."""
-    for name in config_differences(stored, current):
-        if name not in ignored:
-            return name, _lookup(stored, name), _lookup(current, name)
-    return None
-
-
-def _lookup(values: Any, dotted: str) -> Any:
-    """The value at a dotted name (``"train.batch"``) of nested dicts; None where a part is missing."""
-    for part in dotted.split("."):
-        values = values.get(part) if isinstance(values, dict) else None
-    return values
-
-
-def _normalise(value: Any) -> Any:
-    if isinstance(value, list | tuple):
-        return [_normalise(v) for v in value]
-    return value
-
-
-# ------------------------------------------------------------------------------------------ presets
 
 def _digits() -> RunConfig:
     """Bundled 8x8 digits, sized to train on 2 CPU cores in under 5 minutes: a 0.7M-parameter UNet
     (REFERENCE_CONFIGS["digits"], 4.3M, takes about 5 times longer per step); guided AB-2 samples
-    are clearly readable digits after about 500 steps."""
+    are clearly readable digits after about 500 steps. Kac constants (a, c) = (1, 1), not the paper's
+    CIFAR-10 (9, 3): on digits they lower the guided 100-step teacher's fd_digits from 22.4 to 12.9
+    (docs/ablations.md)."""
     net = UNetConfig(image_channels=1, resolution=8, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                      attn_resolutions=(), dropout=0.0, num_classes=10, groups=8)
     return RunConfig(
-        data=DataConfig(name="digits"), net=net, path=PathConfig(),
+        data=DataConfig(name="digits"), net=net, path=PathConfig(kac_a=1.0, kac_c=1.0),
         optim=OptimConfig(lr=2e-3, warmup_images=12_800, grad_clip=1.0),
         train=TrainConfig(steps=800, batch=128, micro_batch=128, ema_halflife_images=20_000,
                           ema_rampup=0.1, log_every=50, ckpt_every=200, sample_every=200,
-                          preview_steps=100, preview_guidance=1.0))
+                          preview_num=100, preview_steps=100, preview_guidance=1.0))
 
 
 def _cifar10() -> RunConfig:
@@ -322,7 +38,7 @@ def _cifar10() -> RunConfig:
         optim=OptimConfig(lr=2e-4, warmup_images=5000 * 128, grad_clip=1.0),
         train=TrainConfig(steps=400_000, batch=128, micro_batch=32,
                           ema_halflife_images=round(ema_halflife_for_decay(0.9999, 128)), ema_rampup=0.05,
-                          preview_guidance=1.0))
+                          preview_num=100, preview_guidance=1.0))
 
 
 def _celeba64() -> RunConfig:
@@ -355,7 +71,7 @@ def _toy2d() -> RunConfig:
         net=MLPConfig(dim=2, hidden=128, depth=3, num_classes=16),
         path=PathConfig(), optim=OptimConfig(lr=2e-3, warmup_images=25_600, grad_clip=1.0),
         train=TrainConfig(steps=1000, batch=256, micro_batch=256, ema_halflife_images=25_000, ema_rampup=0.1,
-                          log_every=100, ckpt_every=500, sample_every=500, preview_steps=50,
+                          log_every=100, ckpt_every=500, sample_every=500, preview_num=2000, preview_steps=50,
                           preview_guidance=0.0))
 
 
@@ -372,6 +88,62 @@ def get_preset(name: str) -> RunConfig:
         raise DistillKacError(f"--preset: unknown preset {name!r}; "
                               f"choose one of {', '.join(_PRESET_BUILDERS)}")
     return _PRESET_BUILDERS[name]()
+
+
+# -------------------------------------------------------------------------------------- own images
+
+#: (smallest resolution, preset): images of at least that many pixels train with that preset's recipe
+_RECIPES = ((256, "lsun-bedroom256"), (64, "celeba64"), (17, "cifar10"), (1, "digits"))
+
+
+def recipe_for_resolution(resolution: int) -> str:
+    """The preset whose recipe (optimiser, loop, distillation) a folder of ``resolution``-px images uses:
+    digits up to 16 px, cifar10 below 64 px, celeba64 below 256 px, lsun-bedroom256 from 256 px."""
+    return next(name for smallest, name in _RECIPES if resolution >= smallest)
+
+
+def image_network(resolution: int, channels: int, num_classes: int) -> UNetConfig:
+    """The UNet for ``resolution``-px images, the rule ``train --data FOLDER`` uses without --preset.
+
+    Up to 16 px, a CPU-sized UNet: 32 channels, one residual block per level, no attention, no dropout,
+    levels (1, 2) up to 8 px and (1, 2, 2) above. Larger images get the reference ADM UNet of their recipe
+    (:func:`recipe_for_resolution`): 128 channels, two residual blocks, attention at 16 px, dropout 0.1
+    (cifar10) or 0 (lsun-bedroom256), levels (1, 2, 2, 2), or (1, 1, 2, 2, 4, 4) from 256 px. Levels are
+    dropped from the end until the resolution is a multiple of 2**(levels - 1) with at least 4 px at the
+    lowest level; without a 16-px level, attention goes to the largest feature resolution below 16 px.
+    """
+    if resolution <= 16:
+        net = UNetConfig(model_channels=32, channel_mult=(1, 2) if resolution <= 8 else (1, 2, 2), num_res_blocks=1,
+                         attn_resolutions=(), dropout=0.0, groups=8)
+    else:
+        net = REFERENCE_CONFIGS[recipe_for_resolution(resolution)]
+    mult = net.channel_mult
+    while len(mult) > 1 and (resolution % 2 ** (len(mult) - 1) or resolution // 2 ** (len(mult) - 1) < 4):
+        mult = mult[:-1]
+    net = dataclasses.replace(net, image_channels=channels, resolution=resolution, channel_mult=mult,
+                              num_classes=num_classes)
+    features = net.feature_resolutions()
+    attn = tuple(r for r in net.attn_resolutions if r in features)
+    if net.attn_resolutions and not attn:
+        below = [r for r in features if r < 16]
+        attn = (max(below),) if below else ()
+    return dataclasses.replace(net, attn_resolutions=attn)
+
+
+def own_images_config(info: ImageSetInfo, labels: str = "auto", resolution: int | None = None,
+                      channels: int | None = None) -> RunConfig:
+    """The run config of ``train --data FOLDER`` without --preset, from what the folder holds (``info``,
+    from :func:`distillkac.data.inspect_images`): the images' own resolution and channels unless given, one
+    class per sub-folder (``labels``), the network of :func:`image_network` and the optimiser and loop of
+    the recipe for that resolution; previews guided (w = 1) when there are classes; no flips."""
+    resolution = resolution if resolution is not None else info.resolution()
+    channels = channels if channels is not None else info.channels
+    classes = len(info.class_names)
+    recipe = get_preset(recipe_for_resolution(resolution))
+    data = DataConfig(name="folder", path=str(info.path), resolution=resolution, channels=channels, labels=labels)
+    train = dataclasses.replace(recipe.train, preview_guidance=1.0 if classes else 0.0)
+    return RunConfig(data=data, net=image_network(resolution, channels, classes), path=recipe.path,
+                     optim=recipe.optim, train=train)
 
 
 def describe_net(net: NetworkConfig) -> str:
@@ -405,32 +177,37 @@ def hyperparameter_table() -> str:
 _PLAN = (100, 20, 4, 2, 1)
 
 
-def _image_distill(guidance: float) -> DistillConfig:
+def _image_distill(guidance: float, preview_num: int) -> DistillConfig:
     """The CIFAR-10 / CelebA 64 distillation (32x32 and 64x64 ADM UNets)."""
     return DistillConfig(
-        plan=_PLAN, guidance=guidance, steps_per_stage=50_000, closeness_samples=256,
+        plan=_PLAN, guidance=guidance, start_states="rollout", target="ab2-carried", steps_per_stage=50_000,
+        closeness_samples=256,
         optim=OptimConfig(lr=1e-4, warmup_images=64_000),
         train=TrainConfig(batch=128, micro_batch=32, ema_halflife_images=500_000.0, ema_rampup=0.05, log_every=100,
-                          ckpt_every=5000, sample_every=5000))
+                          ckpt_every=5000, sample_every=5000, preview_num=preview_num))
 
 
+# Roll-out start states with the carried AB-2 target (docs/ablations.md: every digits student improves, and
+# none differs from its teacher any more); toy2d keeps the paper's forward-noised data (not measured).
 DISTILL_PRESETS: dict[str, DistillConfig] = {
     # Sized for 2 CPU cores: the four stages of 100 -> 1 step together take about 6 minutes.
     "digits": DistillConfig(
-        plan=_PLAN, guidance=1.0, steps_per_stage=(80, 200, 300, 300), closeness_samples=200,
+        plan=_PLAN, guidance=1.0, start_states="rollout", target="ab2-carried", steps_per_stage=(80, 200, 300, 300),
+        closeness_samples=200,
         optim=OptimConfig(lr=5e-4, warmup_images=0),
         train=TrainConfig(batch=64, micro_batch=64, ema_halflife_images=1000.0, ema_rampup=None, log_every=20,
-                          ckpt_every=120, sample_every=240)),
+                          ckpt_every=120, sample_every=240, preview_num=100)),
     "toy2d": DistillConfig(
         plan=(50, 10, 2, 1), guidance=0.0, steps_per_stage=300, closeness_samples=1000,
         optim=OptimConfig(lr=1e-3, warmup_images=0),
         train=TrainConfig(batch=256, micro_batch=256, ema_halflife_images=5000.0, ema_rampup=None, log_every=50,
-                          ckpt_every=150, sample_every=300)),
+                          ckpt_every=150, sample_every=300, preview_num=2000)),
     # Image presets follow the teacher recipes (method.md §5) at a progressive-distillation length.
-    "cifar10": _image_distill(guidance=1.0),
-    "celeba64": _image_distill(guidance=0.0),
+    "cifar10": _image_distill(guidance=1.0, preview_num=100),
+    "celeba64": _image_distill(guidance=0.0, preview_num=64),
     "lsun-bedroom256": DistillConfig(
-        plan=_PLAN, guidance=0.0, steps_per_stage=50_000, closeness_samples=64,
+        plan=_PLAN, guidance=0.0, start_states="rollout", target="ab2-carried", steps_per_stage=50_000,
+        closeness_samples=64,
         optim=OptimConfig(lr=2e-5, warmup_images=32_000),
         train=TrainConfig(batch=64, micro_batch=8, ema_halflife_images=250_000.0, ema_rampup=0.05, log_every=100,
                           ckpt_every=5000, sample_every=10_000)),
@@ -439,14 +216,24 @@ DISTILL_PRESETS: dict[str, DistillConfig] = {
 
 
 def preset_key(data: DataConfig) -> str:
-    """The DISTILL_PRESETS key of a teacher trained on ``data`` (folders: by resolution)."""
+    """The DISTILL_PRESETS key of a teacher trained on ``data`` (image folders: the preset of their recipe,
+    :func:`recipe_for_resolution`)."""
     if data.name in DISTILL_PRESETS:
         return data.name
-    by_resolution = {64: "celeba64", 256: "lsun-bedroom256"}
-    if data.name == "folder" and data.resolution in by_resolution:
-        return by_resolution[data.resolution]
+    if data.name == "folder" and isinstance(data.resolution, int) and data.resolution > 0:
+        return recipe_for_resolution(data.resolution)
     raise DistillKacError(f"--preset: no distillation preset for the teacher's data {data.name!r} "
                           f"(resolution {data.resolution}); choose one of {', '.join(DISTILL_PRESETS)}")
+
+
+def distill_preset_for(data: DataConfig, num_classes: int) -> DistillConfig:
+    """The distillation config of a teacher trained on ``data`` with ``num_classes`` classes: the preset of
+    :func:`preset_key`; a teacher on an image folder bakes in guidance w = 1 when it is class-conditional
+    and none when it is not."""
+    config = get_distill_preset(preset_key(data))
+    if data.name == "folder":
+        config.guidance = 1.0 if num_classes else 0.0
+    return config
 
 
 def get_distill_preset(name: str) -> DistillConfig:

@@ -1,4 +1,9 @@
-"""Preview samples drawn during training: the fixed-seed sampler of a run and its PNG files."""
+"""Preview samples drawn during training: the fixed-seed sampler of a run and its PNG files.
+
+A preview costs ``preview_num * preview_steps`` velocity evaluations (twice that when guided), each of
+a network forward over the preview batch; the training loop draws one every ``sample_every`` steps and at
+the end, always after that step's checkpoint, so a run stopped during a preview loses nothing.
+"""
 
 from __future__ import annotations
 
@@ -8,29 +13,42 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from distillkac.presets import RunConfig
+from distillkac.config import RunConfig, TrainConfig
 from distillkac.sampling import cycle_labels, generate, save_grid_png, save_scatter_png
 
 PREVIEW_DIR = "samples"
+CPU_PREVIEW = (16, 20)
+"""(images, solver steps): the most the command line lets a preview of an image model draw on a CPU,
+unless the user sets them."""
 
-Preview = Callable[[nn.Module, int], torch.Tensor]
-"""``preview(ema_model, step)`` -> images in [-1, 1] (or 2-D points) for ``samples/step-XXXXXXX.png``."""
+Preview = Callable[..., torch.Tensor]
+"""``preview(ema_model, step, on_step=None)`` -> images in [-1, 1] (or 2-D points) for
+``samples/step-XXXXXXX.png``; ``on_step()``, if given, is called after every velocity evaluation."""
 
 
-def teacher_preview(config: RunConfig, path, num_classes: int) -> Preview:
-    """The run's preview sampler: ``train.preview_steps`` of ``train.preview_solver`` in the run's precision,
-    guided by ``train.preview_guidance`` when the model is class-conditional, from fixed seeds and labels:
-    2000 points for toy2d, else 10 images for each of the first 10 classes (64 if unconditional)."""
+def previews_enabled(train: TrainConfig) -> bool:
+    """Whether a run draws previews (0 previews, steps or interval turns them off)."""
+    return min(train.sample_every, train.preview_num, train.preview_steps) > 0
+
+
+def teacher_preview(config: RunConfig, path, num_classes: int) -> Preview | None:
+    """The run's preview sampler (None when previews are off): ``train.preview_num`` images (toy2d: points)
+    from seeds 0, 1, ... with labels cycling through the classes, ``train.preview_steps`` of
+    ``train.preview_solver`` in the run's precision, guided by ``train.preview_guidance`` when the model is
+    class-conditional."""
     train = config.train
-    count = 2000 if config.net.kind == "mlp" else (10 * min(num_classes, 10) if num_classes else 64)
+    if not previews_enabled(train):
+        return None
+    count = train.preview_num
     guidance = train.preview_guidance if num_classes else 0.0
     labels = cycle_labels(count, num_classes)
 
-    def preview(model: nn.Module, step: int) -> torch.Tensor:
+    def preview(model: nn.Module, step: int, on_step: Callable[[], None] | None = None) -> torch.Tensor:
         device = next(model.parameters()).device
+        hook = None if on_step is None else lambda *_: on_step()
         return generate(model, path, seeds=range(count), labels=labels, steps=train.preview_steps,
                         solver=train.preview_solver, guidance=guidance, device=device,
-                        precision=train.precision, batch_size=count).samples
+                        precision=train.precision, batch_size=count, on_step=hook).samples
 
     return preview
 

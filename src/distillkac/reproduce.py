@@ -17,6 +17,7 @@ single-H100 values below, and the output says which.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shlex
@@ -75,18 +76,12 @@ def get_target(name: str) -> Target:
     return TARGETS[name]
 
 
-# ----------------------------------------------------------------------------------- throughputs
-
 @dataclass
 class Throughput:
     """Images per second per phase and where each value comes from."""
 
     values: dict[str, float]
     sources: dict[str, str]
-
-
-def _benchmark_files(results_dir: Path) -> list[Path]:
-    return sorted(results_dir.glob("*cuda*.json")) if results_dir.is_dir() else []
 
 
 def _benchmark_value(file: Path, phase: str) -> float | None:
@@ -119,12 +114,13 @@ def default_results_dir() -> Path:
 def resolve_throughput(dataset: str, overrides: dict[str, float], results_dir: Path) -> Throughput:
     """Per phase: the --images-per-second value, else a cuda benchmark (scaled by FLOPs), else assumed."""
     scale = FORWARD_GFLOP["cifar10"] / FORWARD_GFLOP[dataset]
+    files = sorted(results_dir.glob("*cuda*.json")) if results_dir.is_dir() else []
     values, sources = {}, {}
     for phase in PHASES:
         if phase in overrides:
             values[phase], sources[phase] = overrides[phase], "given with --images-per-second"
             continue
-        measured = [(v, f) for f in _benchmark_files(results_dir) if (v := _benchmark_value(f, phase))]
+        measured = [(v, f) for f in files if (v := _benchmark_value(f, phase))]
         phase_scale = 1.0 if phase == "inception" else scale
         if measured:
             value, file = max(measured)
@@ -153,8 +149,6 @@ def parse_images_per_second(items: Sequence[str]) -> dict[str, float]:
         values[phase] = value
     return values
 
-
-# --------------------------------------------------------------------------------------- the plan
 
 @dataclass
 class Step:
@@ -205,7 +199,7 @@ def build_plan(dataset: str, data: str, outdir: str | os.PathLike, inception_wei
                   reference.is_file, distributed=False, preset=f"{target.ref_dataset} loader"),
              Step("train", ["train", "--preset", target.preset, "--data", data, "--outdir", str(teacher_dir)],
                   {"train": train.steps * train.batch}, f"{train.steps:,} steps x batch {train.batch}",
-                  lambda: _trained(teacher_dir, train.steps), preset=f"presets.{target.preset}")]
+                  lambda: Artifact.trained_steps(teacher_dir) >= train.steps, preset=f"presets.{target.preset}")]
     teacher_nfe = settings.plan[0] * (2 if guidance else 1)
     steps.append(_eval_step("eval teacher", teacher_dir, settings.plan[0], "ab2", guidance, teacher_nfe, reference,
                             eval_dir, weights, num))
@@ -222,7 +216,7 @@ def build_plan(dataset: str, data: str, outdir: str | os.PathLike, inception_wei
             {"train": stage_steps * batch, "sample": teacher_forwards + closeness},
             f"{stage.teacher_steps} -> {stage.student_steps} steps: {stage_steps:,} steps x batch {batch}, "
             f"teacher {stage.segment} step(s) x {calls} forward(s) per example",
-            _stage_finished(stage_dir, stage_steps), preset=f"DISTILL_PRESETS[{target.preset!r}]"))
+            functools.partial(stage_finished, stage_dir, stage_steps), preset=f"DISTILL_PRESETS[{target.preset!r}]"))
         steps.append(_eval_step(f"eval stage {stage.index}", stage_dir / Artifact.DIR, stage.student_steps, "euler",
                                 guidance, stage.student_steps, reference, eval_dir, weights, num))
     notes = [f"guidance w = {guidance:g} (the distillation preset's; baked into the students)",
@@ -240,14 +234,6 @@ def _eval_step(name: str, checkpoint: Path, steps: int, solver: str, guidance: f
                 lambda: _evaluated(eval_dir, checkpoint, steps, solver, num), preset="eval protocol (method.md §6)")
 
 
-def _trained(run_dir: Path, steps: int) -> bool:
-    return Artifact.trained_steps(run_dir) >= steps
-
-
-def _stage_finished(stage_dir: Path, steps: int) -> Callable[[], bool]:
-    return lambda: stage_finished(stage_dir, steps)
-
-
 def _evaluated(eval_dir: Path, checkpoint: Path, steps: int, solver: str, num: int) -> bool:
     directory = Artifact.locate(checkpoint)
     if not (directory / Artifact.META).is_file():
@@ -256,12 +242,6 @@ def _evaluated(eval_dir: Path, checkpoint: Path, steps: int, solver: str, num: i
     return any(row.get("model_sha256") == sha and row.get("metric") == "fid" and int(row.get("num", 0)) == num
                and int(row.get("steps", 0)) == steps and row.get("solver") == solver
                for row in read_results(eval_dir))
-
-
-# ----------------------------------------------------------------------------------------- output
-
-def _format_images(images: dict[str, float]) -> str:
-    return ", ".join(f"{count:,.0f} {phase}" for phase, count in images.items())
 
 
 def describe_plan(plan: Plan, throughput: Throughput, gpus: int) -> str:
@@ -274,12 +254,12 @@ def describe_plan(plan: Plan, throughput: Throughput, gpus: int) -> str:
     for number, step in enumerate(plan.steps, start=1):
         seconds = step.seconds(throughput)
         total += seconds
-        lines.append(f"[{number}/{len(plan.steps)}] {step.name} ({step.preset}): {step.detail}; images: "
-                     f"{_format_images(step.images)}; estimate {seconds / 3600:,.2f} GPU-hours")
+        images = ", ".join(f"{count:,.0f} {phase}" for phase, count in step.images.items())
+        lines.append(f"[{number}/{len(plan.steps)}] {step.name} ({step.preset}): {step.detail}; images: {images}; "
+                     f"estimate {seconds / 3600:,.2f} GPU-hours")
         lines.append("    $ " + shlex.join(step.command(gpus)))
-    lines.append("")
-    lines.append(f"total: {total / 3600:,.1f} GPU-hours (about {total / 3600 / gpus:,.1f} hours of wall time on "
-                 f"{gpus} GPU(s), assuming linear scaling; ref runs on one)")
+    lines += ["", f"total: {total / 3600:,.1f} GPU-hours (about {total / 3600 / gpus:,.1f} hours of wall time on "
+                  f"{gpus} GPU(s), assuming linear scaling; ref runs on one)"]
     return "\n".join(lines) + "\n"
 
 

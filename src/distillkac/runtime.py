@@ -1,5 +1,5 @@
-"""What a process runs on: the device, the torchrun process group and rank, mixed precision, and the
-record of the machine and versions that runs and benchmarks store next to their results."""
+"""What a process runs on: the device, the torchrun process group and rank, mixed precision, torch's thread
+count, and the record of the machine and versions that runs and benchmarks store next to their results."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ import os
 import platform
 import socket
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -21,8 +22,6 @@ from distillkac.errors import DistillKacError
 
 PRECISIONS = ("auto", "fp32", "bf16")
 
-
-# -------------------------------------------------------------------------------------------- device
 
 def resolve_device(request: str | torch.device = "auto", local_rank: int | None = None) -> torch.device:
     """``"auto"`` -> CUDA when available, else the CPU; any other name as torch reads it.
@@ -48,8 +47,6 @@ def resolve_device(request: str | torch.device = "auto", local_rank: int | None 
     torch.cuda.set_device(device)
     return device
 
-
-# ----------------------------------------------------------------------------- process group and rank
 
 def world_size() -> int:
     """The number of processes of this run (torchrun's ``WORLD_SIZE``; 1 without torchrun)."""
@@ -102,21 +99,35 @@ def init_distributed(device_request: str | torch.device = "auto") -> tuple[Proce
     return ProcessGroup(int(os.environ.get("RANK", "0")), size, local_rank), device
 
 
-# ------------------------------------------------------------------------------------------ precision
-
-def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
-    """The mixed-precision context of ``precision``: ``bf16`` autocast, ``fp32`` none, ``auto`` bf16 on
-    CUDA and fp32 on the CPU."""
+def resolve_precision(device: torch.device, precision: str = "auto") -> str:
+    """``fp32`` or ``bf16``: what ``precision`` means on ``device`` (``auto``: bf16 on CUDA, fp32 elsewhere)."""
     if precision not in PRECISIONS:
         raise DistillKacError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    if precision == "bf16":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager:
+    """The mixed-precision context of ``precision``: ``bf16`` autocast; ``fp32`` autocast switched off, also
+    inside an enclosing bf16 region (torch's own TF32 settings apply); ``auto`` bf16 on CUDA and fp32 on the
+    CPU."""
+    if resolve_precision(device, precision) == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return torch.autocast(device.type, enabled=False)
 
 
-# ---------------------------------------------------------------------------------------- environment
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with ``threads`` torch threads (None: as many as now), then restore the previous count."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
 
 def processor_name() -> str:
     """The CPU model (from /proc/cpuinfo on Linux), else what the platform reports."""
@@ -127,29 +138,21 @@ def processor_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _package_version(name: str) -> str | None:
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def environment_record(device: torch.device | None = None, world_size: int | None = None) -> dict[str, Any]:
     """Versions, machine, load and command line; with ``device`` its name (and the CUDA and cuDNN
     versions), with ``world_size`` the number of processes."""
     record: dict[str, Any] = {
-        "distillkac": __version__, "torch": torch.__version__, "numpy": _package_version("numpy"),
+        "distillkac": __version__, "torch": torch.__version__, "numpy": np.__version__,
         "python": platform.python_version(), "platform": platform.platform(), "hostname": socket.gethostname(),
         "processor": processor_name(), "cpu_count": os.cpu_count(), "cpu_threads": torch.get_num_threads(),
         "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "command": list(sys.argv),
     }
     if device is not None:
-        record["device"] = str(device)
-        record["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else record["processor"]
+        record.update(device=str(device), device_name=record["processor"])
         if device.type == "cuda":
-            record["cuda"] = torch.version.cuda
-            record["cudnn"] = torch.backends.cudnn.version()
+            record.update(device_name=torch.cuda.get_device_name(device), cuda=torch.version.cuda,
+                          cudnn=torch.backends.cudnn.version())
     if world_size is not None:
         record["world_size"] = world_size
     return record

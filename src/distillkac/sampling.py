@@ -1,4 +1,4 @@
-"""Sampling: per-image seeds, batched, any solver and guidance weight; PNG grids and NPZ files.
+"""Sampling: per-image seeds, batched, any solver and guidance weight; PNG grids, one PNG per image, NPZ files.
 
 The prior of image ``i`` is drawn from its own generator seeded with ``seeds[i]`` (EDM practice), so an
 image depends on its seed and label only, never on the batch it is generated in. NFE counts network
@@ -25,13 +25,18 @@ from tqdm import tqdm
 from distillkac.checkpoint import Artifact, load_artifact
 from distillkac.data import to_uint8
 from distillkac.errors import DistillKacError
-from distillkac.files import atomic_write_bytes
+from distillkac.files import atomic_replace_dir, atomic_write_bytes
 from distillkac.guidance import check_guidance, guided_velocity
 from distillkac.paths import build_path
 from distillkac.plotting import agg_pyplot, save_figure_png
 from distillkac.rng import seeded_generators
-from distillkac.runtime import autocast, resolve_device
+from distillkac.runtime import autocast, resolve_device, resolve_precision
 from distillkac.solvers import SOLVERS, solve, time_grid
+
+SAMPLES_FILE = "samples.npz"
+"""What ``sample --out DIR`` writes: the samples (key "samples"), labels, seeds and a JSON "meta"."""
+IMAGES_DIR = "images"
+"""The sub-directory of ``sample --out`` with one PNG per image."""
 
 
 @dataclass
@@ -46,6 +51,8 @@ class SampleResult:
     solver: str = "ab2"
     guidance: float = 0.0
     meta: dict[str, Any] = field(default_factory=dict)
+    precision: str = "fp32"
+    """What the network ran in: fp32 or bf16 (autocast)."""
 
 
 def generate(model: nn.Module, path, *, seeds: Sequence[int], labels: torch.Tensor | Sequence[int] | None,
@@ -55,7 +62,7 @@ def generate(model: nn.Module, path, *, seeds: Sequence[int], labels: torch.Tens
     """Integrate the model's (guided) velocity from the prior at ``T`` to 0, one seed per sample.
 
     ``labels``: one class per seed (``None``: the null label, e.g. for unconditional models).
-    ``precision``: auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16.
+    ``precision``: auto (bf16 autocast on CUDA, fp32 on the CPU), fp32 or bf16 (on the CPU too).
     ``on_step(k, t_k, x_k, u_k)`` is passed to the solver for every batch.
     """
     seeds = [int(s) for s in seeds]
@@ -69,6 +76,7 @@ def generate(model: nn.Module, path, *, seeds: Sequence[int], labels: torch.Tens
     weight = check_guidance(guidance, num_classes)
     labels = _check_labels(labels, len(seeds), num_classes)
     device = resolve_device(device)
+    precision = resolve_precision(device, precision)
     times = time_grid(steps, path.T, grid)
     shape = tuple(model.config.data_shape)
     model = model.to(device).eval()
@@ -91,7 +99,7 @@ def generate(model: nn.Module, path, *, seeds: Sequence[int], labels: torch.Tens
             chunks.append(result.x.float().cpu())
     nfe = evaluations * (2 if weight != 0 else 1)
     return SampleResult(samples=torch.cat(chunks), labels=labels, seeds=seeds, nfe_per_sample=nfe,
-                        steps=int(steps), solver=solver, guidance=weight)
+                        steps=int(steps), solver=solver, guidance=weight, precision=precision)
 
 
 def _check_labels(labels, count: int, num_classes: int) -> torch.Tensor:
@@ -159,13 +167,35 @@ def save_grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int | Non
     for i in range(count):
         top, left = 1 + (i // nrow) * (height + 1), 1 + (i % nrow) * (width + 1)
         canvas[:, top:top + height, left:left + width] = images[i]
-    array = canvas.permute(1, 2, 0).numpy()
-    picture = Image.fromarray(array[:, :, 0] if channels == 1 else array)
+    picture = _picture(canvas)
     if scale > 1:
         picture = picture.resize((picture.width * scale, picture.height * scale), Image.Resampling.NEAREST)
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG")
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def _picture(image: torch.Tensor) -> Image.Image:
+    """A uint8 image ``[C, H, W]`` (C = 1 or 3) as a PIL image (mode L or RGB)."""
+    array = image.permute(1, 2, 0).numpy()
+    return Image.fromarray(array[:, :, 0] if image.shape[0] == 1 else array)
+
+
+def save_image_files(images: torch.Tensor, directory: str | os.PathLike) -> None:
+    """One PNG per image of ``[N, C, H, W]`` (float in [-1, 1] or uint8): ``000000.png``, ``000001.png``, ...
+
+    ``directory`` is replaced as a whole (:func:`atomic_replace_dir`), so no file of an earlier, longer set
+    is left behind; the files inside are written plainly (fsyncing 50k small files one by one would take
+    minutes), the directory rename is what makes the set appear complete.
+    """
+    images = to_uint8(images.detach().cpu())
+    digits = max(6, len(str(images.shape[0] - 1)))
+
+    def fill(staging: Path) -> None:
+        for index in range(images.shape[0]):
+            _picture(images[index]).save(staging / f"{index:0{digits}d}.png")
+
+    atomic_replace_dir(directory, fill)
 
 
 def save_scatter_png(points: torch.Tensor, path: str | os.PathLike, labels: torch.Tensor | None = None,
@@ -198,20 +228,23 @@ def save_samples_npz(path: str | os.PathLike, samples: torch.Tensor, labels: tor
 
 
 def save_result(result: SampleResult, out_dir: str | os.PathLike, nrow: int | None = None) -> dict[str, Path]:
-    """Write ``grid.png`` + ``samples.npz`` (images) or ``scatter.png`` + ``samples.npz`` (2-D points)."""
+    """Write ``grid.png``, ``samples.npz`` and one PNG per image in ``images/`` (images), or ``scatter.png``
+    + ``samples.npz`` (2-D points). Returns the paths under "picture", "npz" and (images) "images"."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"steps": result.steps, "nfe_per_sample": result.nfe_per_sample, "solver": result.solver,
-            "guidance": result.guidance, "model_kind": result.meta.get("kind"),
+            "guidance": result.guidance, "precision": result.precision, "model_kind": result.meta.get("kind"),
             "weights_sha256": result.meta.get("weights_sha256")}
     labels = result.labels if result.meta.get("num_classes", 1) else None
     if result.samples.dim() == 2:
         picture = out_dir / "scatter.png"
         save_scatter_png(result.samples, picture, labels,
                          title=f"{result.steps} steps, {result.solver}, w={result.guidance:g}")
-        save_samples_npz(out_dir / "samples.npz", result.samples.float(), labels, result.seeds, meta)
+        save_samples_npz(out_dir / SAMPLES_FILE, result.samples.float(), labels, result.seeds, meta)
     else:
         picture = out_dir / "grid.png"
         save_grid_png(result.samples, picture, nrow=nrow)
-        save_samples_npz(out_dir / "samples.npz", to_uint8(result.samples), labels, result.seeds, meta)
-    return {"picture": picture, "npz": out_dir / "samples.npz"}
+        save_samples_npz(out_dir / SAMPLES_FILE, to_uint8(result.samples), labels, result.seeds, meta)
+        save_image_files(result.samples, out_dir / IMAGES_DIR)
+        return {"picture": picture, "npz": out_dir / SAMPLES_FILE, "images": out_dir / IMAGES_DIR}
+    return {"picture": picture, "npz": out_dir / SAMPLES_FILE}

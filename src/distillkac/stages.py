@@ -4,7 +4,8 @@ Each stage is an ordinary resumable run of :func:`distillkac.train.train` in ``O
 artefact is a standalone student. A rerun skips finished stages (after checking that they were distilled
 with the same settings from the same teacher) and resumes an interrupted one; after training, the stage's
 path closeness to its teacher is measured (``closeness.json``, ``closeness.png``) and ``OUT/distill.json``
-summarises the plan.
+summarises the plan. SIGTERM or SIGUSR1 stops a distillation after the current optimiser step (with a
+checkpoint) or, between stages, after the finished stage (:mod:`distillkac.preemption`).
 """
 
 from __future__ import annotations
@@ -20,15 +21,19 @@ from typing import Any
 
 import torch
 
+from distillkac import preemption
 from distillkac.checkpoint import Artifact, load_artifact, read_artifact_meta
+from distillkac.config import RESUMABLE_TRAIN_FIELDS, DistillConfig, RunConfig, first_difference
 from distillkac.data import DataConfig, load_dataset
 from distillkac.diagnostics import path_closeness, plot_closeness
 from distillkac.distill import (
     EndpointObjective,
+    PoolSettings,
     Stage,
     Teacher,
     load_teacher,
     plan_stages,
+    pool_size,
     teacher_record,
     validate_plan,
 )
@@ -37,7 +42,7 @@ from distillkac.files import atomic_write_json, check_output_dir
 from distillkac.guidance import check_guidance
 from distillkac.nets import build_network, network_config_from_dict
 from distillkac.paths import PathConfig, build_path
-from distillkac.presets import RESUMABLE_TRAIN_FIELDS, DistillConfig, RunConfig, first_difference
+from distillkac.preemption import Preempted
 from distillkac.previews import teacher_preview
 from distillkac.runlog import RunLog
 from distillkac.runtime import autocast, is_main_process, resolve_device
@@ -102,14 +107,22 @@ def resolve_data(source: TeacherSource, data: str | None) -> DataConfig:
 
 def stage_run_config(meta: dict[str, Any], data: DataConfig, stage: Stage, config: DistillConfig,
                      teacher: dict[str, Any] | None) -> RunConfig:
-    """The RunConfig of one stage: the teacher's network and path, the distillation's optimiser, and its loop
-    at the stage's length without label dropout, previewing the student's own Euler steps."""
+    """The RunConfig of one stage: the teacher's network (with the student dropout, if set) and path, the
+    distillation's optimiser, and its loop at the stage's length without label dropout, previewing the
+    student's own Euler steps."""
     train = dataclasses.replace(config.train, steps=config.stage_steps(stage), label_dropout=0.0,
                                 preview_steps=stage.student_steps, preview_solver="euler", preview_guidance=0.0)
     distill = {"stage": stage.index, "teacher_steps": stage.teacher_steps, "student_steps": stage.student_steps,
-               "guidance": float(config.guidance), "start_states": config.start_states,
-               "teacher": teacher}
-    return RunConfig(data=data, net=network_config_from_dict(meta["net"]), path=PathConfig.from_config(meta["path"]),
+               "guidance": float(config.guidance), "start_states": config.start_states, "target": config.target,
+               "loss": config.loss, "teacher": teacher}
+    if config.start_states != "data":
+        distill.update(pool_refresh=config.pool_refresh, pool_reuse=config.pool_reuse)
+    if config.teacher_precision is not None:
+        distill["teacher_precision"] = config.teacher_precision
+    net = network_config_from_dict(meta["net"])
+    if config.student_dropout is not None:
+        net = dataclasses.replace(net, dropout=float(config.student_dropout))
+    return RunConfig(data=data, net=net, path=PathConfig.from_config(meta["path"]),
                      optim=config.optim, train=train, distill=distill).validate()
 
 
@@ -244,7 +257,8 @@ class Distillation:
             if not stage_finished(self.stage_dir(previous), self.settings.stage_steps(previous)):
                 raise DistillKacError(f"--stage {stage.index}: its teacher {self.stage_dir(previous)} has not "
                                       f"finished; run stage {previous.index} first")
-        return load_teacher(artifact, stage.teacher_steps, self.settings.guidance, device=device)
+        return load_teacher(artifact, stage.teacher_steps, self.settings.guidance, device=device,
+                            precision=self.settings.teacher_precision)
 
     def run(self, stage: int | None = None, *, progress: bool = True, dataset=None) -> list[StageOutcome]:
         selected = self.select(stage)
@@ -254,11 +268,17 @@ class Distillation:
         dataset = dataset if dataset is not None else load_dataset(self.data, "train")
         self._check_dataset(dataset)
         outcomes = []
-        for item in selected:
-            teacher = self.load_stage_teacher(item, device)
-            what = "--teacher" if item.index == 1 else f"stage {item.index}'s teacher {teacher.artifact}"
-            check_stage_teacher(self.stage_dir(item), teacher.record(), what)
-            outcomes.append(self.run_stage(item, teacher, dataset, device, progress))
+        with preemption.preemptible():
+            for item in selected:
+                teacher = self.load_stage_teacher(item, device)
+                what = "--teacher" if item.index == 1 else f"stage {item.index}'s teacher {teacher.artifact}"
+                check_stage_teacher(self.stage_dir(item), teacher.record(), what)
+                outcomes.append(self.run_stage(item, teacher, dataset, device, progress))
+                if item is not selected[-1] and preemption.requested():
+                    self.write_summary()
+                    raise Preempted(f"stopped by {preemption.requested()} after stage {item.index} of "
+                                    f"{len(self.stages)} ({self.stage_dir(item)}); rerun the same command to "
+                                    f"continue")
         self.write_summary()
         return outcomes
 
@@ -284,16 +304,25 @@ class Distillation:
                 _echo(f"{stage_dir}: stage {stage.index} ({stage.teacher_steps} -> {stage.student_steps} steps) "
                       f"is finished; skipped")
         else:
-            student = build_network(teacher.meta["net"], generator=torch.Generator().manual_seed(0))
+            student = build_network(config.net, generator=torch.Generator().manual_seed(0))
             student.load_state_dict(teacher.model.state_dict())
             history = teacher.meta.get("stages", []) if Artifact(teacher.meta).is_student else []
-            objective = EndpointObjective(teacher, path, stage, self.settings.start_states, history)
+            objective = self.objective(stage, teacher, path, history)
             preview = teacher_preview(config, path, int(teacher.meta["num_classes"]))
             train(config, stage_dir, student, objective, dataset, preview=preview, progress=progress)
         closeness = None
         if is_main_process():
             closeness = self.stage_closeness(stage, teacher, config, device, force=not skipped)
         return StageOutcome(stage, stage_dir, skipped, closeness, time.perf_counter() - start)
+
+    def objective(self, stage: Stage, teacher: Teacher, path, history) -> EndpointObjective:
+        settings = self.settings
+        pool = PoolSettings(size=pool_size(settings.train.batch, settings.pool_refresh, stage.student_steps,
+                                           settings.pool_reuse),
+                            refresh=settings.pool_refresh, seed=settings.train.seed, chunk=settings.train.micro_batch,
+                            precision=settings.train.precision)
+        return EndpointObjective(teacher, path, stage, settings.start_states, history, target=settings.target,
+                                 loss=settings.loss, pool=pool)
 
     def stage_closeness(self, stage: Stage, teacher: Teacher, config: RunConfig, device: torch.device,
                         force: bool) -> dict[str, Any]:
@@ -338,7 +367,8 @@ class Distillation:
         atomic_write_json(self.outdir / SUMMARY_FILE, {
             "plan": list(self.plan), "teacher": str(self.source.artifact),
             "teacher_sha256": self.source.meta["weights_sha256"], "guidance": self.settings.guidance,
-            "start_states": self.settings.start_states, "stages": stages})
+            "start_states": self.settings.start_states, "target": self.settings.target,
+            "loss": self.settings.loss, "stages": stages})
 
 
 def run_distillation(teacher: str | os.PathLike, outdir: str | os.PathLike, settings: DistillConfig, *,

@@ -1,8 +1,8 @@
 """The one training loop: teacher training now, endpoint distillation stages later.
 
-What the loop owns and an objective does not: data batches, micro-batching and gradient accumulation,
-DDP, mixed precision, AdamW with warm-up, gradient clipping, EMA, non-finite guards, logging, previews,
-checkpoints and exact resume. An :class:`Objective` only turns a micro-batch into per-sample losses.
+What the loop owns and an objective does not: data batches, micro-batching and gradient accumulation, DDP, mixed
+precision, AdamW with warm-up, gradient clipping, EMA, non-finite guards, logging, previews, checkpoints and exact
+resume (:mod:`distillkac.resume`). An :class:`Objective` only turns a micro-batch into per-sample losses.
 
 Determinism that does not depend on the number of processes (EDM practice, made exact):
 
@@ -38,27 +38,21 @@ import torch.distributed as dist
 from torch import nn
 from tqdm import tqdm
 
-from distillkac.checkpoint import (
-    Artifact,
-    artifact_sha256,
-    load_training_state,
-    portable_state_dict,
-    read_artifact_meta,
-    save_artifact,
-    save_training_state,
-)
+from distillkac import preemption
+from distillkac.checkpoint import Artifact
+from distillkac.config import RunConfig
 from distillkac.data import load_dataset
 from distillkac.errors import DistillKacError
-from distillkac.files import RunLock, atomic_write_json, remove_stale_temporaries
+from distillkac.files import RunLock
 from distillkac.nets import build_network
 from distillkac.paths import build_path
-from distillkac.presets import RESUMABLE_TRAIN_FIELDS, RunConfig, first_difference
+from distillkac.preemption import Interrupted, Preempted
 from distillkac.previews import Preview, save_preview, teacher_preview
+from distillkac.resume import Checkpointing
 from distillkac.rng import rand
-from distillkac.runlog import RunLog, StatsWindow
-from distillkac.runtime import autocast, environment_record, init_distributed, world_size
-
-STATE_FORMAT = "distillkac-training-state"
+from distillkac.runlog import RunLog, StatsWindow, run_summary, speed_line
+from distillkac.runtime import autocast, init_distributed, world_size
+from distillkac.solvers import EVALUATIONS_PER_STEP
 
 
 class Objective(Protocol):
@@ -70,6 +64,9 @@ class Objective(Protocol):
 
     def artifact_meta(self) -> dict[str, Any]:
         """Merged into the artefact's config.json (kind, path, guidance, steps, ...)."""
+
+    # Optional: ``prepare_step(step)`` is called before optimiser step ``step`` (0-based), e.g. to select
+    # the distillation's trajectory pool; it must depend on ``step`` only (resume replays it).
 
 
 @dataclass
@@ -156,25 +153,18 @@ def use_channels_last(config: RunConfig, model: nn.Module, device: torch.device)
     return is_image and (setting == "on" or (setting == "auto" and device.type == "cuda"))
 
 
-# ------------------------------------------------------------------------------------------- resume
-
-def check_resume_config(stored: dict[str, Any], config: RunConfig, state_path: Path) -> None:
-    """Refuse to resume when the config changed in anything but length, logging and cadence."""
-    allowed = {f"train.{name}" for name in RESUMABLE_TRAIN_FIELDS}
-    difference = first_difference(stored, config.to_dict(), allowed)
-    if difference is not None:
-        name, old, new = difference
-        raise DistillKacError(f"resume: {state_path} was trained with {name} = {old!r}, now {new!r}; "
-                              f"use the same settings or another --outdir")
-
-
 # ------------------------------------------------------------------------------------------ the loop
 
-class _Trainer:
+class _PreviewStopped(Exception):
+    """A stop signal came while a preview was being drawn (the preview is dropped; its step is saved)."""
+
+
+class _Trainer(Checkpointing):
     def __init__(self, config: RunConfig, run_dir: Path, model: nn.Module, objective: Objective, dataset,
-                 preview: Preview | None, progress: bool) -> None:
+                 preview: Preview | None, progress: bool, notes: tuple[str, ...] = ()) -> None:
         self.config, self.run_dir, self.objective, self.dataset = config, run_dir, objective, dataset
-        self.preview, self.progress = preview, progress
+        self.preview, self.progress, self.notes = preview, progress, notes
+        self.step_seconds: list[float] = []
         self.micro_count = config.train.batch // config.train.micro_batch
         processes = world_size()
         if self.micro_count % processes:
@@ -195,75 +185,9 @@ class _Trainer:
 
     def _echo(self, message: str) -> None:
         if self.bar is not None:
-            self.bar.write(message)
+            self.bar.write(message, file=sys.stderr)
         elif self.progress:
             print(message, file=sys.stderr)
-
-    # ----------------------------------------------------------------------------- resume & save
-    def resume(self) -> None:
-        """Continue from ``training-state.pt`` if there is one (the caller holds the run lock).
-
-        A run killed at any moment is recovered here: rows and temporaries written after the last
-        complete checkpoint are dropped, and an artefact older than the training state (the kill came
-        between the two writes of a checkpoint) is rewritten from the state's EMA weights.
-        """
-        state_path = self.run_dir / Artifact.TRAINING_STATE
-        if not state_path.is_file():
-            self._discard_unsaved_progress(0)
-            return
-        state = load_training_state(state_path)
-        if state.get("format") != STATE_FORMAT:
-            raise DistillKacError(f"resume: {state_path} is not a distillkac training state")
-        check_resume_config(state["config"], self.config, state_path)
-        self.model.load_state_dict(state["model"])
-        self.ema.load_state_dict(state["ema"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step = self.resumed_from = self.last_saved = int(state["step"])
-        self.skipped = int(state["nonfinite_skipped"])
-        self._discard_unsaved_progress(self.step)
-        if self.dist.is_main and not self._artifact_matches_state():
-            self.save_artifact()
-        self.log.info(f"resumed from {state_path} at step {self.step}")
-
-    def _discard_unsaved_progress(self, step: int) -> None:
-        if self.dist.is_main:
-            remove_stale_temporaries(self.run_dir)
-            self.log.truncate_stats(step)
-
-    def _artifact_matches_state(self) -> bool:
-        try:
-            meta = read_artifact_meta(self.run_dir / Artifact.DIR)
-            artifact_sha256(self.run_dir / Artifact.DIR)
-        except DistillKacError:
-            return False
-        return meta.get("train_step") == self.step
-
-    def save(self) -> None:
-        """Training state, then the artefact (EMA weights), each atomically; main process only.
-
-        In that order the artefact is never newer than the state, and ``resume`` can always rebuild it.
-        """
-        if self.dist.is_main:
-            state = {"format": STATE_FORMAT, "version": 1, "step": self.step,
-                     "nonfinite_skipped": self.skipped, "config": self.config.to_dict(),
-                     "model": portable_state_dict(self.model), "ema": portable_state_dict(self.ema),
-                     "optimizer": self.optimizer.state_dict()}
-            save_training_state(self.run_dir / Artifact.TRAINING_STATE, state)
-            self.save_artifact()
-            self.log.info(f"checkpoint at step {self.step}")
-        self.last_saved = self.step
-        self.dist.barrier()
-
-    def save_artifact(self) -> None:
-        meta = {**self.objective.artifact_meta(), "train_step": self.step,
-                "train_images": self.step * self.config.train.batch}
-        save_artifact(self.run_dir / Artifact.DIR, self.ema, meta)
-
-    def write_config(self) -> None:
-        if self.dist.is_main:
-            record = {**self.config.to_dict(),
-                      "environment": environment_record(self.device, self.dist.world_size)}
-            atomic_write_json(self.run_dir / Artifact.RUN_CONFIG, record)
 
     # ------------------------------------------------------------------------------------- steps
     def learning_rate(self) -> float:
@@ -319,6 +243,9 @@ class _Trainer:
         lr = self.learning_rate()
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        prepare = getattr(self.objective, "prepare_step", None)
+        if prepare is not None:
+            prepare(self.step)
         loss = float(self.accumulate_gradients(network)) / self.config.train.batch
         clip = self.config.optim.grad_clip
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
@@ -359,6 +286,8 @@ class _Trainer:
             self.log.info(f"already trained for {self.step} >= {train.steps} steps; nothing to do")
             return self.result(None, start_time)
         network = self.wrap()
+        for note in self.notes:
+            self.log.info(note)
         self.log.info(f"training steps {self.step + 1}..{train.steps} on {self.device} "
                       f"x{self.dist.world_size}, batch {train.batch} in {self.micro_count} "
                       f"micro-batches of {train.micro_batch}")
@@ -368,15 +297,19 @@ class _Trainer:
         self.bar = self._progress_bar()
         try:
             while self.step < train.steps:
+                step_start = time.perf_counter()
                 loss, grad_norm, finite = self.train_step(network)
                 if not finite:
                     self.handle_nonfinite(loss, grad_norm)
                 self.step += 1
+                self.time_step(time.perf_counter() - step_start)
                 window.add(loss if finite else None)
                 if self.bar is not None:
                     self.bar.update(1)
                     self.bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
                 self.after_step(window, grad_norm, start_time)
+                if self.step < train.steps and self.stop_requested():
+                    self.stop()
         finally:
             if self.bar is not None:
                 self.bar.close()
@@ -384,8 +317,44 @@ class _Trainer:
         self.log.info(f"done: step {self.step}, last loss {loss:.5f}")
         return self.result(loss, start_time)
 
+    def time_step(self, seconds: float) -> None:
+        """Note how long an optimiser step took; after the third, log the run's speed and remaining time."""
+        self.step_seconds.append(seconds)
+        if len(self.step_seconds) == 3:
+            self.log.info(speed_line(self.step_seconds, self.config.train.batch,
+                                     self.config.train.steps - self.step, str(self.device)))
+
+    def stop_requested(self) -> bool:
+        """Whether a stop signal came (to any process: they agree, so all stop after the same step)."""
+        wanted = preemption.requested() is not None
+        if self.dist.world_size == 1:
+            return wanted
+        flag = torch.tensor([float(wanted)], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def stop(self) -> None:
+        """Checkpoint the step just taken (unless it is saved already) and raise :class:`Preempted`."""
+        if self.last_saved != self.step:
+            self.save()
+        message = (f"stopped by {preemption.requested() or 'a stop signal'} after step {self.step} of "
+                   f"{self.config.train.steps}; checkpoint written to {self.run_dir}; rerun the same command "
+                   f"to resume")
+        self.log.info(message, echo=False)
+        raise Preempted(message)
+
+    def kept(self) -> str:
+        """What an interruption now leaves behind, for the message the command line prints."""
+        train = self.config.train
+        done = f"after {self.step} of {train.steps} steps"
+        if self.last_saved:
+            return (f"{done}; the checkpoint of step {self.last_saved} in {self.run_dir} is kept, rerun the same "
+                    f"command to resume")
+        first = min(train.ckpt_every, train.steps)
+        return f"{done}; nothing was saved yet (the first checkpoint comes at step {first})"
+
     def after_step(self, window: StatsWindow, grad_norm: float, start_time: float) -> None:
-        """Stats row, preview grid and checkpoint when their cadence (or the last step) comes."""
+        """Stats row, checkpoint and then preview grid when their cadence (or the last step) comes."""
         train = self.config.train
         final = self.step == train.steps
         if self.step % train.log_every == 0 or final:
@@ -395,10 +364,10 @@ class _Trainer:
                             "images_per_s": window.images_per_second(self.step, train.batch, now),
                             "nonfinite_skipped": self.skipped, "wall_s": now - start_time})
             window.reset(self.step, now)
-        if self.preview is not None and (self.step % train.sample_every == 0 or final):
-            self.save_preview()
         if self.step % train.ckpt_every == 0 or final:
             self.save()
+        if self.preview is not None and train.sample_every and (self.step % train.sample_every == 0 or final):
+            self.save_preview()
 
     def _progress_bar(self):
         if not (self.progress and self.dist.is_main):
@@ -407,8 +376,24 @@ class _Trainer:
                     desc=self.run_dir.name)
 
     def save_preview(self) -> None:
-        if self.dist.is_main:
-            save_preview(self.preview(self.ema, self.step), self.run_dir, self.step)
+        """Draw and write the preview of this step, with a progress bar; a stop signal drops it."""
+        if not self.dist.is_main:
+            return
+        train = self.config.train
+        total = train.preview_steps * EVALUATIONS_PER_STEP.get(train.preview_solver, 1)
+        with tqdm(total=total, desc=f"preview at step {self.step}", unit="eval", leave=False,
+                  disable=self.bar is None) as bar:
+            def on_step() -> None:
+                if preemption.requested() is not None:
+                    raise _PreviewStopped
+                bar.update(1)
+
+            try:
+                samples = self.preview(self.ema, self.step, on_step=on_step)
+            except _PreviewStopped:
+                self.log.info(f"preview of step {self.step} left out: {preemption.requested()} received")
+                return
+        save_preview(samples, self.run_dir, self.step)
 
     def result(self, loss: float | None, start_time: float) -> TrainResult:
         return TrainResult(run_dir=self.run_dir, step=self.step, resumed_from=self.resumed_from,
@@ -417,26 +402,34 @@ class _Trainer:
 
 
 def train(config: RunConfig, run_dir: str | os.PathLike, model: nn.Module, objective: Objective, dataset, *,
-          preview: Preview | None = None, progress: bool = True) -> TrainResult:
+          preview: Preview | None = None, progress: bool = True, notes: tuple[str, ...] = ()) -> TrainResult:
     """Train ``model`` on ``objective`` over ``dataset`` into ``run_dir``, resuming from its training state.
 
     ``model`` must be freshly initialised (from ``config.train.seed``); on resume its weights are
-    replaced by the stored ones. ``preview(ema_model, step)`` returns images in [-1, 1] (or 2-D points)
-    for ``samples/step-XXXXXXX.png``. Runs under torchrun (DDP) or in a single process.
+    replaced by the stored ones. ``preview(ema_model, step, on_step=None)`` returns images in [-1, 1]
+    (or 2-D points) for ``samples/step-XXXXXXX.png``. ``notes`` go to log.txt (and, with ``progress``,
+    to stderr) before the first step. Runs under torchrun (DDP) or in a single process.
+
+    SIGTERM or SIGUSR1 stops the run after the current step and its checkpoint, raising
+    :class:`~distillkac.preemption.Preempted`; Ctrl-C stops at once, re-raised as
+    :class:`~distillkac.preemption.Interrupted` saying which checkpoint is kept.
     """
     config.validate()
     run_dir = Path(run_dir)
     joined_here = not dist.is_initialized()
     try:
-        trainer = _Trainer(config, run_dir, model, objective, dataset, preview, progress)
+        trainer = _Trainer(config, run_dir, model, objective, dataset, preview, progress, tuple(notes))
         lock = RunLock(run_dir) if trainer.dist.is_main else contextlib.nullcontext()
         if trainer.dist.is_main:
             run_dir.mkdir(parents=True, exist_ok=True)
-        with lock:
+        with lock, preemption.preemptible():
             trainer.dist.barrier()
             trainer.resume()
             trainer.write_config()
-            return trainer.run()
+            try:
+                return trainer.run()
+            except KeyboardInterrupt as err:
+                raise Interrupted(trainer.kept()) from err
     finally:
         if joined_here and dist.is_initialized():
             dist.destroy_process_group()
@@ -472,8 +465,9 @@ def resolve_config(config: RunConfig, data_shape: tuple[int, ...], num_classes: 
 
 
 def train_teacher(config: RunConfig, run_dir: str | os.PathLike, *, progress: bool = True,
-                  dataset=None) -> TrainResult:
-    """Load the data, build the network (weights from ``train.seed``) and the path, and train."""
+                  dataset=None, notes: tuple[str, ...] = ()) -> TrainResult:
+    """Load the data, build the network (weights from ``train.seed``) and the path, and train; ``notes``
+    (e.g. what the command line adjusted) go to log.txt before the run's summary."""
     dataset = dataset if dataset is not None else load_dataset(config.data, "train")
     config = resolve_config(config, tuple(dataset.data_shape), dataset.num_classes)
     path = build_path(dataclasses.asdict(config.path))
@@ -481,4 +475,5 @@ def train_teacher(config: RunConfig, run_dir: str | os.PathLike, *, progress: bo
     model = build_network(config.net, generator=init)
     objective = TeacherObjective(path, dataset.num_classes, config.train.label_dropout)
     preview = teacher_preview(config, path, dataset.num_classes)
-    return train(config, run_dir, model, objective, dataset, preview=preview, progress=progress)
+    return train(config, run_dir, model, objective, dataset, preview=preview, progress=progress,
+                 notes=(*notes, *run_summary(config, dataset)))

@@ -3,48 +3,77 @@
 Each stage (teacher steps -> student steps) is a resumable run in OUTDIR/stage-<M>step with its own
 student artefact (OUTDIR/stage-<M>step/artifact), path-closeness curve (closeness.json / closeness.png)
 and stats.jsonl. Rerunning the command skips finished stages and resumes an interrupted one.
-Options left unset take the distillation preset's value (chosen from the teacher's dataset).
+Options left unset take the distillation preset's value (chosen from the teacher's dataset), or with
+--config those another distillation recorded in its OUTDIR/config.json (written once its stages start).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
+import re
 import sys
+from pathlib import Path
+
+import torch
 
 from distillkac.checkpoint import Artifact
+from distillkac.cli.options import HelpFormatter, add_output, add_overwrite, plain
+from distillkac.config import (
+    LOSS_FORMS,
+    STAGE1_TARGETS,
+    START_STATES,
+    DistillConfig,
+    OptimConfig,
+    TrainConfig,
+    fit_to_run,
+)
 from distillkac.distill import parse_plan
-from distillkac.presets import DISTILL_PRESETS, PRECISIONS, START_STATES, DistillConfig, get_distill_preset, preset_key
-from distillkac.stages import Distillation, resolve_data, resolve_teacher
+from distillkac.errors import DistillKacError
+from distillkac.fields import dataclass_from_dict
+from distillkac.files import atomic_write_json, check_new_output_dir, read_json_object
+from distillkac.presets import DISTILL_PRESETS, distill_preset_for, get_distill_preset
+from distillkac.previews import CPU_PREVIEW
+from distillkac.runtime import PRECISIONS
+from distillkac.stages import SUMMARY_FILE, Distillation, resolve_data, resolve_teacher
 
 #: option -> DistillConfig field (``optim.<name>`` / ``train.<name>``: a field of its optimiser or loop)
 OVERRIDES = {"plan": "plan", "guidance": "guidance", "steps_per_stage": "steps_per_stage",
              "batch": "train.batch", "micro_batch": "train.micro_batch", "lr": "optim.lr",
              "ema_halflife": "train.ema_halflife_images", "seed": "train.seed", "start_states": "start_states",
-             "device": "train.device", "precision": "train.precision", "closeness_samples": "closeness_samples",
+             "target": "target", "student_dropout": "student_dropout", "loss": "loss",
+             "pool_refresh": "pool_refresh", "pool_reuse": "pool_reuse", "device": "train.device",
+             "precision": "train.precision", "teacher_precision": "teacher_precision",
+             "closeness_samples": "closeness_samples",
              "warmup_images": "optim.warmup_images", "ckpt_every": "train.ckpt_every",
-             "log_every": "train.log_every", "sample_every": "train.sample_every"}
+             "log_every": "train.log_every", "preview_every": "train.sample_every",
+             "preview_num": "train.preview_num"}
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+class _HelpFormatter(HelpFormatter):
+    """Adds the distillation presets' values to the help of an option whose default comes from the preset."""
+
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.dest in OVERRIDES:
-            return f"{action.help} (default: the distillation preset's value)"
-        if action.default is None or action.required:
-            return action.help
+        if action.dest in OVERRIDES and "default" not in (action.help or ""):
+            return f"{action.help} (default: {_preset_values(action.dest)})"
         return super()._get_help_string(action)
 
 
 def _preset_values(option: str) -> str:
+    """The distillation presets' values of an option, presets with the same value together."""
     def show(value) -> str:
-        return ",".join(map(str, value)) if isinstance(value, tuple) else f"{value:g}" \
-            if isinstance(value, float) else str(value)
+        if isinstance(value, tuple):
+            return ",".join(map(str, value))
+        return f"{value:,}" if isinstance(value, int) else f"{value:,g}" if isinstance(value, float) else str(value)
 
-    def value(cfg: DistillConfig):
-        return functools.reduce(getattr, OVERRIDES[option].split("."), cfg)
-
-    return "; ".join(f"{preset}={show(value(cfg))}" for preset, cfg in DISTILL_PRESETS.items())
+    groups: dict[str, list[str]] = {}
+    for preset, cfg in DISTILL_PRESETS.items():
+        groups.setdefault(show(functools.reduce(getattr, OVERRIDES[option].split("."), cfg)), []).append(preset)
+    if len(groups) == 1:
+        return next(iter(groups))
+    return "; ".join(f"{value} {', '.join(presets)}" for value, presets in groups.items())
 
 
 def _plan(text: str) -> tuple[int, ...]:
@@ -64,43 +93,68 @@ def _counts(text: str) -> int | tuple[int, ...]:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("distill", help="distil a teacher into few-step students",
-                                   description=__doc__, formatter_class=_HelpFormatter)
+                                   description=plain(__doc__), formatter_class=_HelpFormatter)
     parser.add_argument("--teacher", required=True, help="teacher run directory (uses RUN/artifact) or artefact")
-    parser.add_argument("--outdir", required=True, help="output directory; one sub-directory per stage")
+    add_output(parser, "--outdir", "output directory, one sub-directory per stage (rerun the same command to "
+                                   "resume)", required=True)
+    add_overwrite(parser, "a non-empty --outdir that is not a distillation")
     parser.add_argument("--plan", type=_plan, default=None,
-                        help=f"step counts, teacher first, each dividing the previous [{_preset_values('plan')}]")
+                        help="step counts, teacher first, each dividing the previous")
     parser.add_argument("--stage", type=int, default=None,
                         help="run only stage N (1 = the first teacher -> student pair); its teacher must exist "
                              "(default: all stages)")
+    parser.add_argument("--config", default=None,
+                        help="start from the settings another distillation recorded (RUN2/config.json) instead of "
+                             "a preset; the options given next to it override them")
     parser.add_argument("--preset", choices=list(DISTILL_PRESETS), default=None,
-                        help="distillation preset (default: from the teacher's dataset)")
+                        help="distillation preset (default: the one for the teacher's dataset, or for its "
+                             "resolution when it was trained on your own images)")
     parser.add_argument("--data", default=None,
                         help="start-state data: a dataset path, or digits|toy2d (default: the teacher run's)")
     group = parser.add_argument_group("distillation")
     group.add_argument("--guidance", type=float, default=None,
-                       help=f"CFG weight w baked into the students [{_preset_values('guidance')}]; "
-                            f"a student teacher keeps its own")
+                       help="CFG weight w baked into the students; "
+                            "a student teacher keeps its own")
     group.add_argument("--start-states", choices=list(START_STATES), default=None,
-                       help=f"x_{{t_k}}: forward-noised data, or teacher roll-outs from the prior "
-                            f"[{_preset_values('start_states')}]")
+                       help="x_{t_k}: forward-noised data, teacher roll-out states from the trajectory pool, "
+                            "or a 50/50 mix")
+    group.add_argument("--target", choices=list(STAGE1_TARGETS), default=None,
+                       help="stage-1 teacher endpoint: AB-2 restarted per segment, AB-2 carried along the pooled "
+                            "roll-outs (needs roll-out start states), or Euler")
+    group.add_argument("--student-dropout", type=float, default=None,
+                       help="the students' dropout rate (default: the teacher's)")
+    group.add_argument("--loss", choices=list(LOSS_FORMS), default=None,
+                       help="endpoint MSE, or the same divided by the student step squared (a velocity error) "
+                            "")
+    group.add_argument("--pool-refresh", type=int, default=None,
+                       help="optimiser steps between trajectory-pool rebuilds")
+    group.add_argument("--pool-reuse", type=float, default=None,
+                       help="average uses of each pooled pair; sets the pool's size "
+                            "")
     group.add_argument("--steps-per-stage", type=_counts, default=None,
-                       help=f"optimiser steps per stage: one count, or one per stage "
-                            f"[{_preset_values('steps_per_stage')}]")
+                       help="optimiser steps per stage: one count, or one per stage "
+                            "")
     group.add_argument("--batch", type=int, default=None, help="GLOBAL batch size (all processes together)")
     group.add_argument("--micro-batch", type=int, default=None, help="images per forward pass; divides --batch")
-    group.add_argument("--lr", type=float, default=None, help=f"learning rate [{_preset_values('lr')}]")
+    group.add_argument("--lr", type=float, default=None, help="learning rate")
     group.add_argument("--warmup-images", type=int, default=None, help="linear learning-rate warm-up, in images")
     group.add_argument("--ema-halflife", type=float, default=None, help="EMA half-life in images")
     group.add_argument("--seed", type=int, default=None, help="seed of the batches and noise")
     group.add_argument("--closeness-samples", type=int, default=None,
                        help="prior draws for the path-closeness curve")
     group = parser.add_argument_group("hardware and logging")
-    group.add_argument("--device", default=None, help=f"auto, cpu, cuda or cuda:N [{_preset_values('device')}]")
+    group.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     group.add_argument("--precision", choices=list(PRECISIONS), default=None,
-                       help=f"auto = bf16 autocast on CUDA, fp32 on the CPU [{_preset_values('precision')}]")
+                       help="auto = bf16 autocast on CUDA, fp32 on the CPU")
+    group.add_argument("--teacher-precision", choices=list(PRECISIONS), default=None,
+                       help="precision of the teacher's network while it makes the targets and roll-outs (e.g. "
+                            "fp32 targets for a bf16 student) (default: as --precision)")
     group.add_argument("--log-every", type=int, default=None, help="steps between stats.jsonl rows")
     group.add_argument("--ckpt-every", type=int, default=None, help="steps between checkpoints")
-    group.add_argument("--sample-every", type=int, default=None, help="steps between preview grids")
+    group.add_argument("--preview-every", "--sample-every", dest="preview_every", type=int, default=None,
+                       help="steps between preview grids of a stage's student, and one at its end (0 = none)")
+    group.add_argument("--preview-num", type=int, default=None,
+                       help=f"images per preview (0 = none); at most {CPU_PREVIEW[0]} on a CPU unless set")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--dry-run", action="store_true",
                         help="print each stage's resolved config and exit; create nothing")
@@ -108,24 +162,87 @@ def register(subparsers) -> None:
 
 
 def settings_from_args(args: argparse.Namespace) -> DistillConfig:
-    """The distillation config from the preset and the command-line overrides."""
+    """The distillation config from the preset (by default the one for the teacher's data and class count)
+    and the command-line overrides, fitted to the stages' length."""
+    return resolve_settings(args)[0]
+
+
+def resolve_settings(args: argparse.Namespace) -> tuple[DistillConfig, list[str]]:
+    """:func:`settings_from_args`, and one line for each value adjusted to the run."""
     source = resolve_teacher(args.teacher)
-    name = args.preset or preset_key(resolve_data(source, args.data))
+    num_classes = int(source.meta["num_classes"])
+    if args.config is not None and args.preset is not None:
+        raise DistillKacError("--config: give --config or --preset, not both")
+    if args.config is not None:
+        preset = settings_file(args.config)
+    elif args.preset is not None:
+        preset = get_distill_preset(args.preset)
+    else:
+        preset = distill_preset_for(resolve_data(source, args.data), num_classes)
     changes = {field: getattr(args, option) for option, field in OVERRIDES.items()
                if getattr(args, option, None) is not None}
     own = Artifact(source.meta).baked_sampling()
     if args.guidance is None and own is not None:
         changes["guidance"] = own.guidance
-    return get_distill_preset(name).with_changes(changes)
+    settings = preset.with_changes(changes)
+    counts = settings.steps_per_stage if isinstance(settings.steps_per_stage, tuple) else (settings.steps_per_stage,)
+    if not all(isinstance(n, int) for n in counts):
+        return settings, []
+    optim, train, notes = fit_to_run(settings.optim, settings.train, min(counts) * settings.train.batch,
+                                     fit_micro_batch=args.micro_batch is None,
+                                     fit_warmup=args.warmup_images is None)
+    device = str(train.device)
+    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if (not on_gpu and args.preview_num is None and source.meta["net"].get("kind") == "unet"
+            and train.preview_num > CPU_PREVIEW[0]):
+        notes.append(f"previews on the CPU: {CPU_PREVIEW[0]} images (set --preview-num to choose)")
+        train = dataclasses.replace(train, preview_num=CPU_PREVIEW[0])
+    return dataclasses.replace(settings, optim=optim, train=train), notes
+
+
+CONFIG_FORMAT = "distillkac-distillation"
+
+
+def settings_record(settings: DistillConfig, args: argparse.Namespace) -> dict:
+    """What OUTDIR/config.json records: the distillation's settings, its teacher and data."""
+    return {"format": CONFIG_FORMAT, "version": 1, "teacher": str(args.teacher), "data": args.data,
+            "settings": dataclasses.asdict(settings)}
+
+
+def settings_file(path: str) -> DistillConfig:
+    """The settings a distillation recorded in its config.json (:func:`settings_record`)."""
+    values = read_json_object(path)
+    if values is None or values.get("format") != CONFIG_FORMAT or not isinstance(values.get("settings"), dict):
+        raise DistillKacError(f"--config: {path} is not the config.json of a distillation (OUTDIR/config.json)")
+    fields = dict(values["settings"])
+    optim = dataclass_from_dict(OptimConfig, fields.pop("optim", {}), "--config optim")
+    train = dataclass_from_dict(TrainConfig, fields.pop("train", {}), "--config train")
+    return dataclasses.replace(dataclass_from_dict(DistillConfig, fields, "--config"), optim=optim, train=train)
+
+
+def is_distillation(directory: Path) -> bool:
+    """Whether ``directory`` holds an earlier distillation (which rerunning resumes): its summary, or a
+    stage-<M>step directory."""
+    return (directory / SUMMARY_FILE).is_file() or any(
+        entry.is_dir() and re.fullmatch(r"stage-\d+step", entry.name) for entry in directory.iterdir())
 
 
 def run(args: argparse.Namespace) -> int:
-    settings = settings_from_args(args)
+    settings, notes = resolve_settings(args)
+    if not args.dry_run:
+        check_new_output_dir(args.outdir, "--outdir", overwrite=args.overwrite, resumes=is_distillation,
+                             what="a distillation")
+    for note in notes if not args.no_progress else ():
+        print(note, file=sys.stderr)
     distillation = Distillation(args.teacher, args.outdir, settings, data=args.data)
     if args.dry_run:
         print(json.dumps(distillation.configs(args.stage), indent=2))
         return 0
-    outcomes = distillation.run(args.stage, progress=not args.no_progress)
+    try:
+        outcomes = distillation.run(args.stage, progress=not args.no_progress)
+    finally:  # once a stage has started (not after a refused input): the settings, for --config
+        if any(Path(args.outdir).glob("stage-*step")):
+            atomic_write_json(Path(args.outdir) / Artifact.RUN_CONFIG, settings_record(settings, args))
     for outcome in outcomes:
         closeness = outcome.closeness or {}
         state = "skipped (finished)" if outcome.skipped else f"trained in {outcome.wall_seconds:.0f} s"

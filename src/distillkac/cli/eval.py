@@ -1,8 +1,10 @@
 """``distillkac eval``: the NFE table. One JSON row per model × steps × solver × guidance goes to
 OUT/results.jsonl (rows already there are skipped, and a row cut short continues from its side file
 OUT/.partial-*.npz, so rerunning resumes), then OUT/table.md and
-OUT/metric_vs_nfe.png are drawn from all rows in the file. Image i uses seed S+i and label i mod
-num_classes. Students are evaluated only at their own step count with Euler and their baked-in
+OUT/metric_vs_nfe.png are drawn from all rows in the file. Each row is evaluated on --blocks disjoint
+seed blocks of --num images: image i of block b uses seed S+b*num+i and label i mod num_classes, the same
+for every row; the table gives the mean over the blocks with a 95% t-interval and the paired differences
+of rows at equal NFE. Students are evaluated only at their own step count with Euler and their baked-in
 guidance. Under torchrun the seeds are shared between the processes; the images are the same."""
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import argparse
 import sys
 from collections.abc import Callable
 
-from distillkac.evaluate import DEFAULT_SAVE_EVERY, evaluate
+from distillkac.cli.options import HelpFormatter, add_output, add_overwrite, plain
+from distillkac.evaluate import DEFAULT_PRECISION, DEFAULT_SAVE_EVERY, evaluate
+from distillkac.files import check_new_output_dir
 from distillkac.metrics.context import METRICS
-from distillkac.nfe_table import render_table, write_reports
-from distillkac.runtime import init_distributed
+from distillkac.nfe_table import RESULTS_FILE, render_table, write_reports
+from distillkac.runtime import PRECISIONS, init_distributed
 from distillkac.solvers import SOLVERS
 
 
@@ -33,8 +37,7 @@ def _comma_list(parse: Callable[[str], object], what: str) -> Callable[[str], li
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("eval", help="metric vs NFE table for model artefacts",
-                                   description=__doc__,
-                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   description=plain(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", action="append", required=True,
                         help="model artefact or run directory (repeat for several models)")
     parser.add_argument("--steps", type=_comma_list(int, "integers"), default="100",
@@ -44,15 +47,25 @@ def register(subparsers) -> None:
     parser.add_argument("--guidance", type=_comma_list(float, "numbers"), default="0",
                         help="comma-separated CFG weights w (u = (1+w) u(y) - w u(null))")
     parser.add_argument("--metric", required=True, help=f"one of {', '.join(METRICS)}")
-    parser.add_argument("--num", type=int, required=True, help="samples per row (FID protocol: 50000)")
-    parser.add_argument("--ref", default=None, help="FID reference statistics .npz from `distillkac ref`")
+    parser.add_argument("--num", type=int, required=True,
+                        help="samples per seed block of a row (FID protocol: 50000)")
+    parser.add_argument("--blocks", type=int, default=1,
+                        help="disjoint seed blocks per row (2 or more give 95%% intervals and paired "
+                             "differences; 3 or more make them useful)")
+    parser.add_argument("--ref", default=None, help="FID reference statistics .npz written by distillkac ref")
     parser.add_argument("--inception-weights", default=None,
-                        help="Inception weights file (else $DISTILLKAC_INCEPTION_WEIGHTS, else "
-                             "torch-fidelity's download); must be the one the reference was made with")
+                        help="Inception weights file, the one the reference was made with (default: "
+                             "$DISTILLKAC_INCEPTION_WEIGHTS, else torch-fidelity's download)")
     parser.add_argument("--batch", type=int, default=256, help="samples per forward pass (per process)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of image 0 (image i uses seed+i)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of image 0 (image i of block b uses seed+b*num+i)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--out", required=True, help="output directory (results.jsonl, table.md, PNG)")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default=DEFAULT_PRECISION,
+                        help="network precision while sampling: fp32 (torch's TF32 settings apply on CUDA), bf16 "
+                             "(autocast), auto (bf16 on CUDA, fp32 on the CPU); recorded in every row")
+    add_output(parser, "--out", "output directory (results.jsonl, table.md, PNG); rerun the same command to "
+                                "resume", required=True)
+    add_overwrite(parser, "a non-empty --out that holds no results.jsonl")
     parser.add_argument("--save-every", type=int, default=DEFAULT_SAVE_EVERY,
                         help="batches between saves of the row being computed (a rerun continues from there)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
@@ -60,11 +73,13 @@ def register(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_new_output_dir(args.out, "--out", overwrite=args.overwrite,
+                         resumes=lambda directory: (directory / RESULTS_FILE).is_file(), what="an eval output")
     group, device = init_distributed(args.device)
     rows = evaluate(args.checkpoint, args.steps, args.solver, args.guidance, args.metric, args.num,
                     ref=args.ref, inception_weights=args.inception_weights, batch_size=args.batch,
                     seed=args.seed, device=device, out=args.out, progress=not args.no_progress, group=group,
-                    save_every=args.save_every)
+                    save_every=args.save_every, blocks=args.blocks, precision=args.precision)
     if group.is_main:
         all_rows = write_reports(args.out, skipped=[row for row in rows if "skipped" in row])
         print(render_table(all_rows), end="")

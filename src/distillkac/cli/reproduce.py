@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from distillkac.cli.options import HelpFormatter, add_no_progress, add_output, plain
 from distillkac.errors import DistillKacError
 from distillkac.reproduce import (
     FID_NUM,
@@ -28,12 +29,11 @@ from distillkac.reproduce import (
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("reproduce", help="the paper-scale plan: ref, train, distil, FID-50k",
-                                   description=__doc__, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   description=plain(__doc__), formatter_class=HelpFormatter)
     parser.add_argument("dataset", choices=list(TARGETS), help="which of the paper's datasets")
     parser.add_argument("--data", required=True, default=argparse.SUPPRESS,
                         help="dataset path (CIFAR-10 batches/zip/folder, or an image folder/zip)")
-    parser.add_argument("--outdir", required=True, default=argparse.SUPPRESS,
-                        help="directory of the whole plan (ref/, teacher/, distill/, eval/)")
+    add_output(parser, "--outdir", "directory of the whole plan (ref/, teacher/, distill/, eval/)", required=True)
     parser.add_argument("--inception-weights", default=None,
                         help="Inception weights file for FID (required unless $DISTILLKAC_INCEPTION_WEIGHTS is set)")
     parser.add_argument("--gpus", type=int, default=1, help="GPUs: more than 1 runs train/distill/eval under torchrun")
@@ -44,6 +44,7 @@ def register(subparsers) -> None:
     parser.add_argument("--benchmarks", default=None,
                         help="directory of benchmark results (default: benchmarks/results of this source tree)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the estimate; run nothing")
+    add_no_progress(parser)
     parser.set_defaults(func=run)
 
 
@@ -56,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
     overrides = parse_images_per_second(args.images_per_second)
     results_dir = Path(args.benchmarks) if args.benchmarks else default_results_dir()
     plan = build_plan(args.dataset, args.data, args.outdir, weights, args.num)
+    if args.no_progress:
+        for step in plan.steps:
+            step.argv.append("--no-progress")
     throughput = resolve_throughput(args.dataset, overrides, results_dir)
     print(describe_plan(plan, throughput, args.gpus), end="", flush=True)
     if not args.dry_run:

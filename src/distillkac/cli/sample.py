@@ -1,6 +1,8 @@
-"""``distillkac sample``: generate from a model artefact (or a run directory) into DIR/grid.png and
-DIR/samples.npz (2-D models: DIR/scatter.png and float points). Image i uses seed S+i and the i-th
-label of the cycle through the classes (or through --class)."""
+"""``distillkac sample``: generate images from a model into DIR: one PNG per image in DIR/images/
+(000000.png, 000001.png, ...), all of them in DIR/samples.npz (uint8, with labels and seeds) and a preview
+grid DIR/grid.png (2-D models: DIR/scatter.png and float points in the .npz). Image i uses seed S+i and the
+i-th label of the cycle through the classes (or through --class). DIR/images/ and DIR/samples.npz are
+what distillkac fid reads; a non-empty DIR is refused unless --overwrite is given."""
 
 from __future__ import annotations
 
@@ -8,18 +10,12 @@ import argparse
 import sys
 
 from distillkac.checkpoint import Artifact, load_artifact
+from distillkac.cli.options import HelpFormatter, add_no_progress, add_output, add_overwrite, plain
 from distillkac.errors import DistillKacError
-from distillkac.files import check_output_dir
-from distillkac.runtime import resolve_device
+from distillkac.files import check_new_output_dir
+from distillkac.runtime import PRECISIONS, resolve_device
 from distillkac.sampling import cycle_labels, sample_artifact, save_result
 from distillkac.solvers import GRID_KINDS, SOLVERS
-
-
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None and action.option_strings and action.dest != "help":
-            return f"{action.help} (default: from the artefact: see the help text)"
-        return super()._get_help_string(action)
 
 
 def _classes(text: str) -> list[int]:
@@ -34,24 +30,31 @@ def _classes(text: str) -> list[int]:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("sample", help="generate samples from a model artefact",
-                                   description=__doc__, formatter_class=_HelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="artefact directory, or a run directory")
-    parser.add_argument("--out", required=True, help="output directory")
+                                   description=plain(__doc__), formatter_class=HelpFormatter)
+    parser.add_argument("--checkpoint", required=True,
+                        help="model: an artefact directory, or a run or stage directory holding artifact/")
+    add_output(parser, "--out", "output directory", required=True)
+    add_overwrite(parser, "a non-empty --out directory")
     parser.add_argument("--steps", type=int, default=None,
-                        help="solver steps (teachers: 100; students: their own step count)")
+                        help="solver steps (default: 100 for a teacher; a student's own step count)")
     parser.add_argument("--solver", choices=list(SOLVERS), default=None,
-                        help="teachers: ab2; students: euler (fixed)")
+                        help="ODE solver (default: ab2 for a teacher; a student uses euler only)")
     parser.add_argument("--guidance", type=float, default=None,
-                        help="CFG weight w, u = (1+w) u(y) - w u(null) (teachers: 0; students: baked in)")
+                        help="CFG weight w, u = (1+w) u(y) - w u(null) (default: 0 for a teacher; a student's "
+                             "is baked in)")
     parser.add_argument("--grid", choices=list(GRID_KINDS), default=None,
-                        help="time grid (teachers: uniform; students: their own)")
+                        help="time grid (default: uniform for a teacher; a student's own)")
     parser.add_argument("--num", type=int, default=64, help="number of samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first sample (then S+1, ...)")
     parser.add_argument("--batch", type=int, default=256, help="samples per forward pass")
     parser.add_argument("--class", dest="classes", type=_classes, default=None,
                         help="class or comma-separated classes to cycle through (default: all classes)")
-    parser.add_argument("--nrow", type=int, default=None, help="images per grid row (about sqrt(num))")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about sqrt(num))")
+    parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="auto",
+                        help="network precision: auto = bf16 autocast on CUDA, fp32 on the CPU; fp32; bf16 "
+                             "(autocast, also on the CPU); recorded in samples.npz")
+    add_no_progress(parser)
     parser.set_defaults(func=run)
 
 
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
         raise DistillKacError(f"--steps: must be a positive integer, got {args.steps}")
     if args.batch < 1:
         raise DistillKacError(f"--batch: must be a positive integer, got {args.batch}")
-    check_output_dir(args.out, "--out")
+    check_new_output_dir(args.out, "--out", overwrite=args.overwrite)
     device = resolve_device(args.device)
     model, meta = load_artifact(Artifact.locate(args.checkpoint), device=device)
     if args.classes and meta["num_classes"] == 0:
@@ -72,8 +75,10 @@ def run(args: argparse.Namespace) -> int:
     labels = cycle_labels(args.num, meta["num_classes"], args.classes)
     result = sample_artifact((model, meta), seeds=range(args.seed, args.seed + args.num), labels=labels,
                              steps=args.steps, solver=args.solver, guidance=args.guidance, grid=args.grid,
-                             batch_size=args.batch, device=device, progress=True)
+                             batch_size=args.batch, device=device, precision=args.precision,
+                             progress=not args.no_progress)
     files = save_result(result, args.out, nrow=args.nrow)
     print(f"{args.num} samples, {result.steps} steps ({result.solver}), guidance {result.guidance:g}, "
-          f"NFE {result.nfe_per_sample} per sample -> {files['picture']}, {files['npz']}", file=sys.stderr)
+          f"NFE {result.nfe_per_sample} per sample, {result.precision} -> "
+          f"{', '.join(str(path) for path in files.values())}", file=sys.stderr)
     return 0

@@ -20,12 +20,12 @@ from distillkac.data.dataset import (
     InMemoryDataset,
     to_uint8,
 )
-from distillkac.data.images import CIFAR10_CLASSES, centre_crop_resize, image_file_batches
+from distillkac.data.images import CIFAR10_CLASSES, ImageSetInfo, centre_crop_resize, inspect_images
 from distillkac.data.toy2d import checkerboard_squares, toy_mixture
 from distillkac.errors import DistillKacError
 
-__all__ = ["CIFAR10_CLASSES", "DATASET_NAMES", "SPLITS", "DataConfig", "InMemoryDataset", "centre_crop_resize",
-           "checkerboard_squares", "image_file_batches", "load_dataset", "to_uint8", "toy_mixture"]
+__all__ = ["CIFAR10_CLASSES", "DATASET_NAMES", "SPLITS", "DataConfig", "ImageSetInfo", "InMemoryDataset",
+           "centre_crop_resize", "checkerboard_squares", "inspect_images", "load_dataset", "to_uint8", "toy_mixture"]
 
 _LOADERS = {"digits": digits.load, "cifar10": images.load_cifar10, "folder": images.load_folder,
             "toy2d": toy2d.load}

@@ -22,7 +22,7 @@ DATASET_NAMES = ("digits", "cifar10", "folder", "toy2d")
 SPLITS = ("train", "test")
 BAD_FILE_POLICIES = ("skip", "error")
 TOY_NAMES = ("grid", "checkerboard")
-LABEL_MODES = ("auto", "folders", "none")
+LABEL_MODES = ("auto", "subfolders", "none", "folders")
 
 
 @dataclass
@@ -30,8 +30,9 @@ class DataConfig:
     """Which dataset to load and how (the ``data`` part of a RunConfig).
 
     ``labels`` applies to the folder dataset: "auto" labels images by their top-level sub-folder when
-    there are at least two such sub-folders and every image is inside one, "folders" demands that,
-    "none" makes the set unconditional (use it for nested exports such as LSUN's hashed folders).
+    there are at least two such sub-folders and every image is inside one, "subfolders" (also spelt
+    "folders") demands that, "none" makes the set unconditional (use it for nested exports such as
+    LSUN's hashed folders).
     """
 
     name: str

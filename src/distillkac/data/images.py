@@ -1,5 +1,5 @@
 """Image datasets: CIFAR-10 (the official batches, or JPEG/PNG folders and zips), image folders/zips with
-class sub-folders, and reading a folder or .npz of images for FID.
+class sub-folders (what fid and ref read is in ``distillkac.metrics.inputs``).
 
 Image folders and zips are decoded once, at load time, with a thread pool; that is fine for CIFAR-10 (60k
 images) and CelebA-64 (200k images, about 2.5 GB at 64x64), but a dataset the size of LSUN Bedroom at
@@ -28,11 +28,8 @@ from tqdm import tqdm
 
 from distillkac.data.dataset import SPLITS, DataConfig, InMemoryDataset, check_native_shape, scale_info
 from distillkac.errors import DistillKacError
-from distillkac.npz import read_npz
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-IMAGE_FILE_EXTENSIONS = (".png", ".jpg", ".jpeg")
-"""The files ``image_file_batches`` reads from a folder."""
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_TEST_BATCHES = ("test_batch",)
@@ -129,7 +126,7 @@ def load_cifar10(cfg: DataConfig, split: str) -> InMemoryDataset:
     if folder is not None:
         return _load_cifar_batches(cfg, split, folder)
     with _open_image_source(path) as source:
-        index = _index_images(source, split, cfg.name, require_split=True, labels="folders")
+        index = _index_images(source, split, cfg.name, require_split=True, labels="subfolders")
         images, labels, skipped = _decode_index(source, index, _cifar_decoder, (3, 32, 32), cfg.bad_files)
     info = {"name": "cifar10", "split": split, "source": str(path.resolve()), "source_format": source.kind,
             "ignored_files": source.ignored,
@@ -171,6 +168,15 @@ class _ImageSource:
         if self._zip is not None:
             return self._zip.read(name)
         return (self.path / name).read_bytes()
+
+    def header(self, name: str) -> tuple[tuple[int, int], str] | None:
+        """``((width, height), PIL mode)`` of an image file from its header; None if it is not readable."""
+        try:
+            stream = self._zip.open(name) if self._zip is not None else open(self.path / name, "rb")
+            with stream, Image.open(stream) as image:
+                return image.size, image.mode
+        except (OSError, SyntaxError, EOFError, ValueError, Image.DecompressionBombError):
+            return None
 
     def close(self) -> None:
         if self._zip is not None:
@@ -229,7 +235,7 @@ def _index_images(source: _ImageSource, split: str, dataset: str, *, require_spl
         raise DistillKacError(f"data.path: no images in the {split}/ sub-folder of {source.path}")
     flat = next((n for n, _, rel in usable if len(rel) == 1), None)
     class_set = {rel[0] for _, _, rel in usable if len(rel) > 1}
-    labelled = labels == "folders" or (labels == "auto" and flat is None and len(class_set) >= 2)
+    labelled = labels in ("subfolders", "folders") or (labels == "auto" and flat is None and len(class_set) >= 2)
     split_name = split if has_splits else "all"
     if not labelled:
         return _ImageIndex([n for n, _ in chosen], [0] * len(chosen), (), split_name)
@@ -343,57 +349,49 @@ def load_folder(cfg: DataConfig, split: str) -> InMemoryDataset:
                            hflip=cfg.hflip, info=info, skipped=skipped)
 
 
-# -------------------------------------------------------------------------------- images for FID
+# ------------------------------------------------------------------------- what a folder holds
 
-def _layout_nchw(images: np.ndarray, file: Path) -> np.ndarray:
-    """[N, C, H, W] view of a uint8 image array stored as [N, C, H, W] or [N, H, W, C] (C = 1 or 3)."""
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise DistillKacError(f"--images: {file} key 'images' must be uint8 [N, C, H, W] or [N, H, W, C], "
-                              f"got {images.dtype} {list(images.shape)}")
-    if images.shape[1] in (1, 3):
-        return images
-    if images.shape[3] in (1, 3):
-        return images.transpose(0, 3, 1, 2)
-    raise DistillKacError(f"--images: {file} key 'images' has no channel axis of size 1 or 3: "
-                          f"{list(images.shape)}")
+GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
+"""PIL modes of single-channel images (palette images count as colour)."""
 
 
-def _read_image(file: Path, channels: int) -> np.ndarray:
-    try:
-        with Image.open(file) as image:
-            array = np.asarray(image.convert("RGB" if channels == 3 else "L"))
-    except (OSError, SyntaxError, Image.DecompressionBombError) as err:
-        raise DistillKacError(f"--images: cannot read {file} as an image ({err})") from err
-    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+@dataclass(frozen=True)
+class ImageSetInfo:
+    """What a folder or zip of images holds, read from the file headers (nothing is decoded): the
+    number of readable images, how many have each size ``(width, height)``, 1 channel if every image
+    is greyscale (else 3), the class names (empty when unlabelled) and the unreadable files."""
+
+    path: Path
+    count: int
+    sizes: dict[tuple[int, int], int]
+    channels: int
+    class_names: tuple[str, ...]
+    unreadable: int
+
+    def resolution(self) -> int:
+        """The side of the square the images are used at: the shorter side of their one size (square
+        images are used as they are); images of several sizes need ``--resolution``."""
+        if len(self.sizes) == 1:
+            return min(next(iter(self.sizes)))
+        common = sorted(self.sizes.items(), key=lambda item: -item[1])
+        listed = ", ".join(f"{w}x{h}: {n}" for (w, h), n in common[:3]) + (", ..." if len(common) > 3 else "")
+        raise DistillKacError(f"--resolution: the {self.count} images in {self.path} come in {len(self.sizes)} "
+                              f"sizes ({listed}); give --resolution N to centre-crop and resize them all to NxN")
 
 
-def image_file_batches(path: str | os.PathLike, batch_size: int, channels: int = 3
-                       ) -> tuple[int, Iterator[torch.Tensor]]:
-    """(number of images, iterator of uint8 [B, C, H, W] batches) for a folder of PNG/JPEG files or an .npz.
-
-    A folder is read recursively in sorted order (hidden files left out), each file converted to
-    ``channels`` (RGB or L) like torch-fidelity's loader; an .npz needs the key ``images``.
-    """
-    source = Path(path).expanduser()
-    if not source.exists():
-        raise DistillKacError(f"--images: {source} does not exist")
-    if source.is_dir():
-        files = sorted(p for p in source.rglob("*")
-                       if p.is_file() and p.suffix.lower() in IMAGE_FILE_EXTENSIONS
-                       and not any(part.startswith(".") for part in p.relative_to(source).parts))
-        if not files:
-            raise DistillKacError(f"--images: no PNG/JPEG files in {source}")
-
-        def from_files() -> Iterator[torch.Tensor]:
-            for start in range(0, len(files), batch_size):
-                arrays = [_read_image(f, channels) for f in files[start:start + batch_size]]
-                shapes = {a.shape for a in arrays}
-                if len(shapes) > 1:
-                    raise DistillKacError(f"--images: images in {source} differ in size: {sorted(shapes)}")
-                yield torch.from_numpy(np.stack(arrays))
-
-        return len(files), from_files()
-    images = read_npz(source, ("images",), f"--images: {source} is not a folder of images or an .npz "
-                                           f"with the key 'images'")["images"]
-    tensor = torch.from_numpy(np.ascontiguousarray(_layout_nchw(images, source)))
-    return tensor.shape[0], (tensor[i:i + batch_size] for i in range(0, tensor.shape[0], batch_size))
+def inspect_images(path: str | os.PathLike, labels: str = "auto") -> ImageSetInfo:
+    """Sizes, channels and classes of the images a folder dataset at ``path`` would load (its train/
+    sub-folder if it has one), with ``labels`` as in :class:`DataConfig`."""
+    path = Path(path).expanduser()
+    with _open_image_source(path) as source:
+        index = _index_images(source, "train", "folder", require_split=False, labels=labels)
+        headers = [source.header(name) for name in index.names]
+    readable = [header for header in headers if header is not None]
+    if not readable:
+        raise DistillKacError(f"data.path: none of the {len(headers)} image files in {path} could be read")
+    sizes: dict[tuple[int, int], int] = {}
+    for size, _ in readable:
+        sizes[size] = sizes.get(size, 0) + 1
+    channels = 1 if all(mode in GREY_MODES for _, mode in readable) else 3
+    return ImageSetInfo(path=path, count=len(readable), sizes=sizes, channels=channels,
+                        class_names=index.class_names, unreadable=len(headers) - len(readable))

@@ -42,11 +42,6 @@ def checkerboard_squares() -> tuple[torch.Tensor, float]:
     return torch.tensor(corners, dtype=torch.float64), side
 
 
-def toy_split_seed(cfg: DataConfig, split: str) -> int:
-    """The generator seed of a toy split: 2*seed for train, 2*seed + 1 for test (never shared)."""
-    return 2 * cfg.seed + (1 if split == "test" else 0)
-
-
 def load(cfg: DataConfig, split: str) -> InMemoryDataset:
     if cfg.resolution is not None or cfg.channels is not None:
         raise DistillKacError("data.resolution/channels: toy2d is 2-D points; leave resolution and channels "
@@ -55,7 +50,7 @@ def load(cfg: DataConfig, split: str) -> InMemoryDataset:
         raise DistillKacError("data.hflip: flips are for images; toy2d needs hflip=false")
     if cfg.toy_size < 1:
         raise DistillKacError(f"data.toy_size: must be a positive integer, got {cfg.toy_size}")
-    seed = toy_split_seed(cfg, split)
+    seed = 2 * cfg.seed + (1 if split == "test" else 0)  # the two splits never share a generator seed
     generator = torch.Generator().manual_seed(seed)
     if cfg.toy == "grid":
         means, std, weights = toy_mixture(cfg)

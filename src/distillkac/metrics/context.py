@@ -8,6 +8,7 @@ merges every process's part into the metric's values.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +26,9 @@ from distillkac.metrics.toy2d import toy2d_metrics
 METRICS = ("fid", "digits", "toy2d")
 PRIMARY_VALUE = {"fid": "fid", "digits": "fd_digits", "toy2d": "sliced_wasserstein"}
 """The number each metric is tabulated and plotted by (lower is better for all three)."""
-DIGITS_SHAPE = [1, 8, 8]
-TOY2D_SHAPE = [2]
+NATIVE_MODELS = {"digits": ("a digits model", [1, 8, 8], 10),
+                 "toy2d": ("a model of the 4x4 grid mixture", [2], 16)}
+"""metric -> (what it applies to, the data shape, the class count of a conditional model)."""
 
 
 class MetricContext:
@@ -40,8 +42,6 @@ class MetricContext:
         self.device = device
         self.progress = progress
         self.reference = None
-        self._extractor = None
-        self._digits = None
         if metric == "fid":
             if ref is None:
                 raise DistillKacError("--ref: the fid metric needs reference statistics (an .npz from "
@@ -60,13 +60,11 @@ class MetricContext:
                 raise DistillKacError(f"--metric fid: {checkpoint} makes data of shape {shape}, not images "
                                       f"[1 or 3, H, W]")
             fid.check_reference_compatible(self.reference, self.weights_id, tuple(shape))
-        elif self.metric == "digits" and (shape != DIGITS_SHAPE or classes not in (0, 10)):
-            raise DistillKacError(f"--metric digits: {checkpoint} is not a digits model (data {shape}, "
-                                  f"{classes} classes; need {DIGITS_SHAPE} and 10 or 0 classes)")
-        elif self.metric == "toy2d" and (shape != TOY2D_SHAPE or classes not in (0, 16)):
-            raise DistillKacError(f"--metric toy2d: {checkpoint} is not a model of the 4x4 grid mixture "
-                                  f"(data {shape}, {classes} classes; need {TOY2D_SHAPE} and 16 or 0 "
-                                  f"classes)")
+            return
+        what, need_shape, need_classes = NATIVE_MODELS[self.metric]
+        if shape != need_shape or classes not in (0, need_classes):
+            raise DistillKacError(f"--metric {self.metric}: {checkpoint} is not {what} (data {shape}, {classes} "
+                                  f"classes; need {need_shape} and {need_classes} or 0 classes)")
 
     @property
     def reference_record(self) -> dict[str, Any] | None:
@@ -78,17 +76,13 @@ class MetricContext:
                 "count": int(self.reference.stats.count), "split": meta.get("split"),
                 "dataset": dataset.get("name") if isinstance(dataset, dict) else None}
 
-    @property
-    def extractor(self):
-        if self._extractor is None:
-            self._extractor = fid.InceptionFeatures(self.weights_path, self.device, self.batch_size)
-        return self._extractor
+    @functools.cached_property
+    def extractor(self) -> fid.InceptionFeatures:
+        return fid.InceptionFeatures(self.weights_path, self.device, self.batch_size)
 
     def new_part(self) -> RowPart:
         """An empty part of a row for this process (what ``finish`` merges)."""
-        if self.metric == "fid":
-            return MomentsPart(self)
-        return SamplesPart()
+        return MomentsPart(self) if self.metric == "fid" else SamplesPart()
 
     def finish(self, parts: Sequence[dict[str, Any]], shards: Sequence[range], num_classes: int
                ) -> dict[str, Any]:
@@ -98,7 +92,7 @@ class MetricContext:
             return fid.fid_record(moments.stats(), self.reference, self.weights_id)
         samples, labels = assemble_in_seed_order(parts, shards)
         if self.metric == "digits":
-            classifier, reference = self._digits_tools()
+            classifier, reference = self._digits_tools
             values = digits_metrics(samples, labels, classifier, reference)
             values["classifier_test_accuracy"] = float(classifier.test_accuracy)
         else:
@@ -106,10 +100,9 @@ class MetricContext:
             values = toy2d_metrics(samples, labels if num_classes else None, mixture)
         return {**values, "label": PRIMARY_VALUE[self.metric]}
 
+    @functools.cached_property
     def _digits_tools(self) -> tuple[DigitsClassifier, torch.Tensor]:
-        if self._digits is None:
-            self._digits = (DigitsClassifier.load_or_train(), digits_reference_images())
-        return self._digits
+        return DigitsClassifier.load_or_train(), digits_reference_images()
 
 
 def assemble_in_seed_order(parts: Sequence[dict[str, Any]], shards: Sequence[range]

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +19,7 @@ from distillkac.data import DataConfig, InMemoryDataset, load_dataset
 from distillkac.errors import DistillKacError
 from distillkac.files import atomic_write_bytes, sha256_bytes, sha256_file
 from distillkac.metrics.stats import GaussianStats, frechet_distance, labelled_accuracy
+from distillkac.runtime import torch_threads
 
 CACHE_ENV = "DISTILLKAC_CACHE"
 DIGITS_FEATURE_DIM = 64
@@ -81,9 +80,10 @@ class DigitsClassifier(nn.Module):
         cached = _load_cached_classifier(weights_file, sidecar_file, settings)
         if cached is not None:
             return cached
-        with _single_thread():
+        with torch_threads(1):  # a tiny model: extra threads would only spin on a shared machine
             model = _train_digits_classifier(train, seed)
-        model.test_accuracy = _accuracy(model, test)
+        images, labels = test.get_batch(torch.arange(len(test)))
+        model.test_accuracy = labelled_accuracy(model.predict(images), labels, 10)
         weights = save_safetensors(model.state_dict())
         atomic_write_bytes(weights_file, weights)
         sidecar = {**settings, "test_accuracy": model.test_accuracy, "test_count": len(test),
@@ -133,17 +133,6 @@ def _init_parameters(model: nn.Module, generator: torch.Generator) -> None:
                 module.bias.zero_()
 
 
-@contextmanager
-def _single_thread() -> Iterator[None]:
-    """Run a tiny model on one CPU thread (extra threads only spin on a shared machine), then restore."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def _train_digits_classifier(train, seed: int) -> DigitsClassifier:
     """Adam on cross-entropy over the train split, shuffled and initialised from one seeded generator."""
     generator = torch.Generator().manual_seed(seed)
@@ -163,11 +152,6 @@ def _train_digits_classifier(train, seed: int) -> DigitsClassifier:
             optimizer.step()
     model.eval()
     return model
-
-
-def _accuracy(model: DigitsClassifier, dataset) -> float:
-    images, labels = dataset.get_batch(torch.arange(len(dataset)))
-    return float((model.predict(images) == labels).double().mean())
 
 
 @torch.no_grad()

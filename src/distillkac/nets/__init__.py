@@ -77,18 +77,3 @@ def config_parameter_count(cfg: NetworkConfig | dict[str, Any]) -> int:
     """Parameter count of the network ``cfg`` describes, without allocating its weights."""
     return count_parameters(build_network(cfg, device="meta"))
 
-
-__all__ = [
-    "MLP",
-    "NETWORK_KINDS",
-    "REFERENCE_CONFIGS",
-    "MLPConfig",
-    "Network",
-    "NetworkConfig",
-    "UNet",
-    "UNetConfig",
-    "build_network",
-    "config_parameter_count",
-    "count_parameters",
-    "network_config_from_dict",
-]

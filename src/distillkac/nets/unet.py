@@ -54,9 +54,15 @@ def _require(condition: bool, message: str) -> None:
         raise DistillKacError(message)
 
 
+#: Which layers start at exactly zero: the output conv only, or also the last layer of every residual
+#: branch and attention projection (ADM/EDM), so that every block starts as the identity.
+ZERO_INITS = ("output", "residual")
+
+
 @dataclass
 class UNetConfig(JsonConfig):
-    """Architecture of the image UNet; ``to_dict``/``from_dict`` round-trip through JSON."""
+    """Architecture of the image UNet; ``to_dict``/``from_dict`` round-trip through JSON.
+    ``zero_init`` is one of :data:`ZERO_INITS`."""
 
     kind: str = "unet"
     image_channels: int = 3
@@ -70,6 +76,7 @@ class UNetConfig(JsonConfig):
     num_heads: int = 4
     time_scale: float = 1000.0
     groups: int = 32
+    zero_init: str = "output"
 
     def feature_resolutions(self) -> tuple[int, ...]:
         """The feature-map side length at each level of the down path (``resolution / 2**level``)."""
@@ -113,6 +120,8 @@ class UNetConfig(JsonConfig):
         bad = [c for c in self.level_channels() if c % self.groups]
         _require(not bad, f"{name}.groups: {self.groups} must divide every channel count "
                           f"{list(self.level_channels())}; it does not divide {bad}")
+        _require(self.zero_init in ZERO_INITS,
+                 f"{name}.zero_init: must be one of {', '.join(ZERO_INITS)}, got {self.zero_init!r}")
         _require(_is_int(self.num_heads) and self.num_heads > 0,
                  f"{name}.num_heads: must be a positive integer, got {self.num_heads!r}")
         attn_channels = [c for c, r in zip(self.level_channels(), self.feature_resolutions())
@@ -386,8 +395,13 @@ class UNet(ConfiguredNetwork):
         self.out_conv = nn.Conv2d(channels, cfg.image_channels, 3, padding=1)
 
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """Re-draw all weights from ``generator``; the output conv starts at exactly zero."""
-        initialise_parameters(self, generator, zero_modules=[self.out_conv])
+        """Re-draw all weights from ``generator``; the output conv starts at exactly zero (with
+        ``zero_init="residual"`` also each residual block's last conv and each attention projection)."""
+        zero: list[nn.Module] = [self.out_conv]
+        if self.config.zero_init == "residual":
+            zero += [m.conv2 for m in self.modules() if isinstance(m, ResBlock)]
+            zero += [m.proj for m in self.modules() if isinstance(m, AttentionBlock)]
+        initialise_parameters(self, generator, zero_modules=zero)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.ndim != 4 or tuple(x.shape[1:]) != self.data_shape:
