@@ -14,8 +14,9 @@ so a run cut off at any point still leaves what it measured:
    points, one distillation stage 100 -> 20 for 1 minute, its student sampled once (FID-5k); the
    teacher uses part 2's fastest variant without compile.
 Designed to fit 8 minutes on one H100/H200 (``--budget-seconds``; the pipeline's 4 minutes of training
-and its overheads are reserved before the other parts get their time). Files: ``--out`` gets the four
-results files, the summary and ``gpu_check.log`` (the parts' output); runs and samples go to ``--work``.
+and its overheads, about 5.7 minutes in all, are reserved before the other parts get their time).
+Files: ``--out`` gets the four results files, the summary and ``gpu_check.log`` (the parts' output);
+runs and samples go to ``--work``.
 ``--smoke``: every part with tiny sizes on the CPU (about 2 minutes; ``tests/test_benchmarks.py``).
 Run: ``python benchmarks/gpu_check.py --out DIR`` (from the repository root).
 """
@@ -48,6 +49,8 @@ BENCHMARKS = Path(__file__).resolve().parent
 
 @dataclass(frozen=True)
 class Part:
+    """A benchmark script run as one part of the check, with its options and time limits."""
+
     name: str
     script: str
     results_name: str
