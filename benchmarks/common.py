@@ -24,12 +24,14 @@ import torch
 from distillkac.errors import DistillKacError
 from distillkac.files import atomic_write_json
 from distillkac.nets import REFERENCE_CONFIGS, UNetConfig
-from distillkac.runtime import environment_record, resolve_device
+from distillkac.runtime import environment_record, processor_name, resolve_device
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 REPO_ROOT = Path(__file__).resolve().parents[1]
-H100_BF16_DENSE_TFLOPS = 989.0
-"""Dense bf16 tensor-core peak of an H100 SXM (the H200 has the same compute)."""
+BF16_DENSE_PEAK_TFLOPS = (("H200 NVL", 835.0), ("H100 NVL", 835.0), ("H100 PCIe", 756.0), ("H200", 989.0),
+                          ("H100", 989.0))
+"""Dense bf16 tensor-core peaks (NVIDIA data sheets), matched in this order against the device name: the
+H100 SXM and the H200 SXM have the same compute (989 TFLOP/s); the PCIe and NVL boards are slower."""
 
 SMOKE_UNET = UNetConfig(image_channels=3, resolution=8, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
                         attn_resolutions=(4,), dropout=0.0, num_classes=10, num_heads=2, groups=8)
@@ -59,6 +61,17 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
         return resolve_device(args.device)
     except DistillKacError as err:
         raise SystemExit(str(err)) from err
+
+
+def bf16_peak_tflops(device: torch.device) -> tuple[float | None, str]:
+    """The device's dense bf16 peak (TFLOP/s) for MFU, with where it came from; None if unknown."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else processor_name()
+    if device.type == "cuda":
+        for marker, peak in BF16_DENSE_PEAK_TFLOPS:
+            if marker in name:
+                return peak, f"{marker} data sheet (device: {name})"
+    return None, f"unknown for {name}: pass --peak-tflops"
+
 
 
 def repeats(args: argparse.Namespace, device: torch.device, cpu: tuple[int, int] = (1, 2),
@@ -230,3 +243,4 @@ def write_results(name: str, out_dir: Path, device: torch.device, settings: dict
     path = out_dir / f"{name}.json"
     atomic_write_json(path, payload)
     return path
+

@@ -10,8 +10,9 @@ Configurations, all measured in the same process:
   computed in float64 (the network still sees float32 inputs);
 - ``fp32``, ``bf16`` (autocast), ``bf16+cl`` (channels-last), ``bf16+cl+compile`` (GPU only);
 on the CPU: baseline, fp32 and bf16. Reported: best / baseline speed-up (target >= 3x on an H100),
-model FLOPs per image (forward + backward, ``FlopCounterMode``), achieved TFLOP/s and, on a GPU, the
-fraction of the bf16 dense peak (MFU), and the share of the step spent drawing the Kac noise + target.
+model FLOPs per image (forward + backward, ``FlopCounterMode``, counted on the baseline's first step),
+achieved TFLOP/s and, on a GPU, the fraction of the device's dense bf16 peak (MFU), and the share of the
+step spent drawing the Kac noise + target. The results file is rewritten after every variant.
 Run: ``python benchmarks/train_throughput.py [--device cuda]``.
 """
 
@@ -87,8 +88,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--variants", default=None,
                         help=f"comma-separated subset of {','.join(VARIANTS)} "
                              f"(default: all on a GPU, {','.join(CPU_VARIANTS)} on the CPU)")
-    parser.add_argument("--peak-tflops", type=float, default=common.H100_BF16_DENSE_TFLOPS,
-                        help="the device's dense bf16 peak for MFU (default: %(default)s = H100/H200 SXM)")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's dense bf16 peak for MFU (default: detected from the device name: "
+                             "989 for an H100 or H200 SXM)")
     return parser.parse_args(argv)
 
 
@@ -189,39 +191,46 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
     if "baseline" not in names:
         names.insert(0, "baseline")
-    rows = [measure(VARIANTS[name], args, batch, micro_batch, device, warmup, repeat,
-                    count_flops=(name == "fp32" or (name == "baseline" and "fp32" not in names)))
-            for name in names]
-    flops = next(row["flops_per_image"] for row in rows if row["flops_per_image"] is not None)
+    peak, peak_source = (args.peak_tflops, "--peak-tflops") if args.peak_tflops else common.bf16_peak_tflops(device)
+    settings = {"batch": batch, "micro_batch": micro_batch, "variants": names, "warmup": warmup,
+                "repeat": repeat, "peak_tflops": peak if gpu else None,
+                "peak_tflops_source": peak_source if gpu else None,
+                "network": common.network_config(args.smoke).to_dict(),
+                "step": "distillkac.train._Trainer.train_step (TeacherObjective, clip, AdamW, EMA)",
+                "smoke": args.smoke}
+    name = f"{NAME}_{device.type}" + ("_smoke" if args.smoke else "")
+    memory = ("CUDA max allocated" if gpu
+              else "process peak RSS (includes the data set and the other variants' freed memory)")
+    rows = []
+    for index, variant in enumerate(names):  # the results file is rewritten after every variant
+        rows.append(measure(VARIANTS[variant], args, batch, micro_batch, device, warmup, repeat, index == 0))
+        results, text = summarise(rows, peak if gpu else None,
+                                  f"batch {batch}, micro-batch {micro_batch}; peak memory: {memory}")
+        written = common.write_results(name, args.out, device, settings, results, text)
+    print(text)
+    print(f"wrote {written}")
+    return results
+
+
+def summarise(rows: list[dict], peak: float | None, notes: str) -> tuple[dict, str]:
+    """Speed-up over the baseline (the first row), achieved TFLOP/s, MFU against ``peak``; the printed text."""
+    flops = rows[0]["flops_per_image"]
     baseline = rows[0]["images_per_s"]
     for row in rows:
         row["flops_per_image"] = flops
         row["speedup_vs_baseline"] = row["images_per_s"] / baseline
         row["achieved_tflops"] = flops * row["images_per_s"] / 1e12
-        row["mfu_percent"] = 100 * row["achieved_tflops"] / args.peak_tflops if gpu else None
+        row["mfu_percent"] = 100 * row["achieved_tflops"] / peak if peak else None
     best = max(rows, key=lambda row: row["images_per_s"])
     table = common.format_table(rows, [
         ("variant", "variant"), ("images_per_s", "images/s"), ("speedup_vs_baseline", "x baseline"),
         ("peak_mib", "peak MiB"), ("achieved_tflops", "TFLOP/s"), ("mfu_percent", "MFU %"),
         ("draw_share_percent", "Kac draw % of step")])
     summary = (f"model FLOPs per image (forward+backward): {flops / 1e9:.2f} GFLOP; best {best['variant']} is "
-               f"{best['images_per_s'] / baseline:.2f}x the baseline (target >= 3x on an H100); batch {batch}, "
-               f"micro-batch {micro_batch}; peak memory: "
-               + ("CUDA max allocated" if gpu else "process peak RSS (includes the data set and the other variants' "
-                                                  "freed memory)"))
-    print(table)
-    print(summary)
-    settings = {"batch": batch, "micro_batch": micro_batch, "variants": names, "warmup": warmup,
-                "repeat": repeat, "peak_tflops": args.peak_tflops if gpu else None,
-                "network": common.network_config(args.smoke).to_dict(),
-                "step": "distillkac.train._Trainer.train_step (TeacherObjective, clip, AdamW, EMA)",
-                "smoke": args.smoke}
+               f"{best['images_per_s'] / baseline:.2f}x the baseline (target >= 3x on an H100); {notes}")
     results = {"rows": rows, "best": best["variant"], "best_over_baseline": best["images_per_s"] / baseline,
                "flops_per_image": flops, "target_speedup_h100": 3.0}
-    name = f"{NAME}_{device.type}" + ("_smoke" if args.smoke else "")
-    written = common.write_results(name, args.out, device, settings, results, table + "\n\n" + summary)
-    print(f"wrote {written}")
-    return results
+    return results, table + "\n\n" + summary
 
 
 if __name__ == "__main__":

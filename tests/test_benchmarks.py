@@ -13,6 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import common  # noqa: E402
+import gpu_check  # noqa: E402
 import kac_sampler  # noqa: E402
 import sample_throughput  # noqa: E402
 import train_throughput  # noqa: E402
@@ -74,7 +75,63 @@ def test_sample_throughput_smoke(tmp_path):
         assert row["images_per_s"] == pytest.approx(2 / row["seconds"], rel=1e-12)
     prior = payload["results"]["prior_draw"]
     assert prior["images"] == 4 and prior["batch"] == 4
-    assert payload["results"]["full_run"] is None
+    assert prior["loop_over_batched"] == pytest.approx(
+        prior["loop_generators"]["median_s"] / prior["batched_streams"]["median_s"], rel=1e-12)
+    assert payload["results"]["full_runs"] == []
+
+
+def test_sample_throughput_full_run_smoke(tmp_path):
+    sample_throughput.main([*QUICK, "--steps", "1", "--batches", "1", "--prior-images", "2", "--num-images", "3",
+                            "--full-batch", "2", "--out", str(tmp_path)])
+    runs = _read(tmp_path / "sample_throughput_cpu_smoke.json", "sample_throughput_cpu_smoke")["results"]["full_runs"]
+    assert [(run["precision"], run["images"], run["batch"]) for run in runs] == [("fp32", 3, 2)]  # bf16: CUDA only
+
+
+def test_gpu_check_runs_the_chosen_parts_in_order_and_summarises(tmp_path):
+    summary = gpu_check.main(["--smoke", "--parts", "sample,kac", "--out", str(tmp_path / "out"),
+                              "--work", str(tmp_path / "work")])
+    assert [(part["name"], part["status"]) for part in summary["parts"]] == [("kac", "ok"), ("sample", "ok")]
+    written = sorted(path.name for path in (tmp_path / "out").iterdir())
+    assert written == ["gpu_check.log", "kac_sampler_cpu_smoke.json", "sample_throughput_cpu_smoke.json",
+                       "summary.json", "summary.md"]
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == summary
+    figures = summary["figures"]
+    assert figures["kac_draw_percent_of_fwd_bwd"] > 0 and figures["prior_loop_over_batched"] > 0
+    markdown = (tmp_path / "out" / "summary.md").read_text()
+    assert "| kac | ok |" in markdown and "per-image prior: loop over generators / batched streams" in markdown
+
+
+def test_gpu_check_budget_leaves_parts_without_time_unrun(tmp_path):
+    summary = gpu_check.main(["--device", "cpu", "--budget-seconds", "1", "--out", str(tmp_path)])
+    assert [part["status"] for part in summary["parts"]] == ["skipped: no time left in the budget"] * 4
+    assert not list(tmp_path.glob("*_cpu.json"))
+
+
+def test_teacher_variant_is_the_fastest_without_compile(tmp_path):
+    rows = [{"variant": "bf16", "precision": "bf16", "channels_last": "off", "compile": False, "images_per_s": 5.0},
+            {"variant": "bf16+cl", "precision": "bf16", "channels_last": "on", "compile": False, "images_per_s": 6.0},
+            {"variant": "bf16+cl+compile", "precision": "bf16", "channels_last": "on", "compile": True,
+             "images_per_s": 9.0}]
+    file = tmp_path / "train_throughput_cuda.json"
+    file.write_text(json.dumps({"results": {"rows": rows}}))
+    assert gpu_check.teacher_variant(file) == ["--precision", "bf16", "--channels-last", "on"]
+    assert gpu_check.teacher_variant(tmp_path / "missing.json") == []
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_part(tmp_path):
+    """The whole check with tiny sizes on the CPU (about 75 s on two cores, hence slow): the pipeline trains,
+    measures FID (when the Inception weights are there), distills and samples."""
+    summary = gpu_check.main(["--smoke", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    assert [(part["name"], part["status"]) for part in summary["parts"]] == [
+        ("kac", "ok"), ("train", "ok"), ("sample", "ok"), ("pipeline", "ok")]
+    pipeline = _read(tmp_path / "out" / "pipeline_cpu_smoke.json", "pipeline_cpu_smoke")["results"]
+    assert pipeline["skipped"] is None
+    teacher, distill = pipeline["teacher"], pipeline["distill"]
+    assert len(teacher["segments"]) == 3 and len(teacher["points"]) == 2
+    assert teacher["points"][0]["step"] < teacher["points"][1]["step"]
+    assert distill["step"] > 2 and len(distill["segments"]) == 2
+    assert (tmp_path / "work" / "distill" / "stage-20step" / "artifact" / "config.json").is_file()
 
 
 def test_time_call_counts_warmup_and_repeats():

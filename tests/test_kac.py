@@ -7,7 +7,9 @@ import pytest
 import torch
 from scipy import integrate
 
+from distillkac import kac
 from distillkac.kac import KacProcess
+from distillkac.rng import SeedStream
 
 F64 = torch.float64
 CONSTANTS = [(9.0, 3.0), (25.0, 2.0), (1.0, 1.0)]
@@ -21,18 +23,40 @@ def _t(value):
     return torch.tensor([value], dtype=F64)
 
 
+def _source(kind: str, seed: int):
+    return torch.Generator().manual_seed(seed) if kind == "generator" else SeedStream([seed])
+
+
+@pytest.mark.parametrize("source", ["generator", "stream"])
 @pytest.mark.parametrize("a,c", CONSTANTS)
 @pytest.mark.parametrize("t", TIMES)
-def test_sampler_matches_the_analytic_law(a, c, t):
+def test_sampler_matches_the_analytic_law(a, c, t, source):
     kp = KacProcess(a, c)
-    tau, is_atom = kp.sample(_t(t), (DRAWS,), torch.Generator().manual_seed(7))
-    x, atom = tau[0], is_atom[0]
-    ct = c * t
+    tau, is_atom = kp.sample(_t(t), (DRAWS,), _source(source, 7))
+    _assert_matches_the_law(kp, t, tau[0], is_atom[0])
+
+
+@pytest.mark.parametrize("t", [0.05, 1.0])
+def test_stream_in_float32_over_many_seeds_matches_the_analytic_law(t):
+    """The prior's setting: float32, one row per image seed, every row at the same time."""
+    kp = KacProcess(9.0, 3.0)
+    rows = 2000
+    tau, is_atom = kp.sample(torch.full((rows,), t), (100,), SeedStream(range(rows)))
+    assert tau.dtype == torch.float32
+    ct = (kp.c * torch.tensor(t)).item()  # the cone's edge as computed in float32
+    _assert_matches_the_law(kp, t, tau.double().flatten(), is_atom.flatten(), ct)
+
+
+def _assert_matches_the_law(kp: KacProcess, t: float, x: torch.Tensor, atom: torch.Tensor,
+                            ct: float | None = None) -> None:
+    """Support, atoms, Kolmogorov–Smirnov against ``kp.cdf`` and the second moment of draws ``x`` of X_t."""
+    a, c, draws = kp.a, kp.c, x.numel()
+    ct = c * t if ct is None else ct
     assert bool((x.abs() <= ct).all())
     assert torch.equal(x.abs() == ct, atom)  # atoms are exactly the boundary draws
     # Atom fraction within 5 binomial standard deviations of e^{-at}.
     mass = math.exp(-a * t)
-    assert abs(atom.double().mean().item() - mass) <= 5 * math.sqrt(mass * (1 - mass) / DRAWS) + 1e-12
+    assert abs(atom.double().mean().item() - mass) <= 5 * math.sqrt(mass * (1 - mass) / draws) + 1e-12
     # Kolmogorov–Smirnov on the continuous part against its conditional CDF, evaluated on a grid of
     # GRID points: D ≤ D_grid + (largest CDF increment between grid points), and we bound the latter too.
     inside = torch.sort(x[~atom]).values
@@ -46,7 +70,7 @@ def test_sampler_matches_the_analytic_law(a, c, t):
     assert math.sqrt(n) * (d_grid + increment) < KS_CRITICAL_1PCT
     # Second moment within 5 standard errors of variance(t).
     squares = x**2
-    standard_error = squares.std().item() / math.sqrt(DRAWS)
+    standard_error = squares.std().item() / math.sqrt(draws)
     assert abs(squares.mean().item() - kp.variance(_t(t)).item()) < 5 * standard_error
 
 
@@ -60,6 +84,36 @@ def test_sampler_is_deterministic_and_leaves_the_global_rng_alone():
     assert first[0].shape == (3, 3, 4, 4) and first[0].dtype == torch.float32
     kp.sample(t, (8,))  # no generator: a fresh one, never the global RNG
     assert torch.equal(state, torch.get_rng_state())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, F64])
+@pytest.mark.parametrize("shape", [(3, 8, 8), (7,)])
+def test_stream_rows_are_bit_exact_whatever_the_batch(dtype, shape):
+    """A row depends on its seed and time only: not on the other rows, their times, or its position."""
+    kp = KacProcess()
+    t = torch.tensor([0.0, 0.01, 0.5, 1.0, 4.0], dtype=dtype)
+    seeds = [4, 8, 15, 16, 23]
+    tau, atom = kp.sample(t, shape, SeedStream(seeds))
+    assert tau.dtype == dtype and tau.shape == (5, *shape)
+    for row in range(5):
+        alone, alone_atom = kp.sample(t[row:row + 1], shape, SeedStream([seeds[row]]))
+        assert torch.equal(alone[0], tau[row]) and torch.equal(alone_atom[0], atom[row])
+    order = [3, 0, 4, 2, 1]
+    shuffled, _ = kp.sample(t[order], shape, SeedStream([seeds[i] for i in order]))
+    assert torch.equal(shuffled, tau[order])
+    assert torch.equal(tau.abs() == kp.c * t.reshape(-1, *([1] * len(shape))), atom)
+    again = SeedStream(seeds)
+    assert torch.equal(kp.sample(t, shape, again)[0], tau)
+    assert not torch.equal(kp.sample(t, shape, again)[0], tau)  # a stream's next draw is a new one
+
+
+def test_stream_chunks_do_not_change_the_draws(monkeypatch):
+    kp = KacProcess()
+    t = torch.linspace(0.0, 1.0, 9)
+    whole = kp.sample(t, (4, 5), SeedStream(range(9)))
+    monkeypatch.setitem(kac._STREAM_CHUNK, "cpu", 40)  # two rows of 20 coordinates per chunk
+    chunked = kp.sample(t, (4, 5), SeedStream(range(9)))
+    assert torch.equal(whole[0], chunked[0]) and torch.equal(whole[1], chunked[1])
 
 
 def test_per_row_generators_make_rows_independent_of_the_batch():
