@@ -258,6 +258,8 @@ def _decode_one(name: str, data: bytes, convert: _Converter) -> np.ndarray | str
         with Image.open(io.BytesIO(data)) as image:
             image.load()
             return convert(name, image)
+    except Image.UnidentifiedImageError:
+        return "not in an image format that Pillow recognises"
     except (OSError, SyntaxError, EOFError, Image.DecompressionBombError) as err:
         return f"{type(err).__name__}: {err}"
 
