@@ -475,3 +475,32 @@ def test_toy_option_errors():
         load_dataset(DataConfig("toy2d", resolution=8))
     with pytest.raises(DistillKacError, match="data.toy_size: must be a positive integer, got 0"):
         load_dataset(DataConfig("toy2d", toy_size=0))
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_decoding_bar_follows_progress(tmp_path, monkeypatch, progress):
+    """``--no-progress`` reaches the decoding bar of large image sets (shown from 5,000 images)."""
+    shown = []
+
+    class RecordingBar:
+        def __init__(self, *, total, disable, **kwargs):
+            shown.append(not disable)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, count):
+            pass
+
+    monkeypatch.setattr(data, "tqdm", RecordingBar)
+    folder = _class_folder(tmp_path / "set")
+    names = [f"{cls}/{k:05d}.png" for cls in ("cat", "dog") for k in range(2500)]
+    monkeypatch.setattr(data, "_index_images", lambda *args, **kwargs: data._ImageIndex(
+        names, [0] * 2500 + [1] * 2500, ("cat", "dog"), "all"))
+    monkeypatch.setattr(data, "_decode_one", lambda name, blob, convert: np.zeros((8, 8, 3), np.uint8))
+    monkeypatch.setattr(data._ImageSource, "read", lambda self, name: b"")
+    load_dataset(_folder_cfg(folder), "train", progress=progress)
+    assert shown == [progress]

@@ -265,7 +265,7 @@ class Distillation:
         first = teacher_record(self.source.meta, self.plan[0], self.settings.guidance)
         check_stage_teacher(self.stage_dir(self.stages[0]), first, "--teacher")
         device = resolve_device(self.settings.train.device)
-        dataset = dataset if dataset is not None else load_dataset(self.data, "train")
+        dataset = dataset if dataset is not None else load_dataset(self.data, "train", progress)
         self._check_dataset(dataset)
         outcomes = []
         with preemption.preemptible():

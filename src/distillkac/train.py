@@ -468,7 +468,7 @@ def train_teacher(config: RunConfig, run_dir: str | os.PathLike, *, progress: bo
                   dataset=None, notes: tuple[str, ...] = ()) -> TrainResult:
     """Load the data, build the network (weights from ``train.seed``) and the path, and train; ``notes``
     (e.g. what the command line adjusted) go to log.txt before the run's summary."""
-    dataset = dataset if dataset is not None else load_dataset(config.data, "train")
+    dataset = dataset if dataset is not None else load_dataset(config.data, "train", progress)
     config = resolve_config(config, tuple(dataset.data_shape), dataset.num_classes)
     path = build_path(dataclasses.asdict(config.path))
     init = torch.Generator().manual_seed(derive_seed(config.train.seed, "init"))

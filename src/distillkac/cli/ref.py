@@ -72,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
     check_new_output_file(args.out, "--out", overwrite=args.overwrite)
     device = resolve_device(args.device)
     dataset = load_reference_images(source, data, args.split, resolution=args.resolution,
-                                    channels=args.channels, bad_files=args.bad_files)
+                                    channels=args.channels, bad_files=args.bad_files,
+                                    progress=not args.no_progress)
     extractor = fid.InceptionFeatures(args.inception_weights, device, args.batch)
     partial = progress_path(args.out)
     reference = fid.compute_reference(dataset, args.split, extractor, limit=args.limit, seed=args.seed,

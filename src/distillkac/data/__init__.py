@@ -29,11 +29,15 @@ __all__ = ["CIFAR10_CLASSES", "DATASET_NAMES", "SPLITS", "DataConfig", "ImageSet
 
 _LOADERS = {"digits": digits.load, "cifar10": images.load_cifar10, "folder": images.load_folder,
             "toy2d": toy2d.load}
+_DECODED = {"cifar10", "folder"}  # loaders that decode image files, with a progress bar for large sets
 
 
-def load_dataset(cfg: DataConfig, split: str = "train") -> InMemoryDataset:
-    """Load the ``split`` ("train" or "test") of the dataset that ``cfg`` names."""
+def load_dataset(cfg: DataConfig, split: str = "train", progress: bool = True) -> InMemoryDataset:
+    """Load the ``split`` ("train" or "test") of the dataset that ``cfg`` names; ``progress=False``
+    silences the decoding bar of large image sets."""
     _check_config(cfg, split)
+    if cfg.name in _DECODED:
+        return _LOADERS[cfg.name](cfg, split, progress=progress)
     return _LOADERS[cfg.name](cfg, split)
 
 

@@ -113,7 +113,7 @@ def _load_cifar_batches(cfg: DataConfig, split: str, folder: Path) -> InMemoryDa
                            info=info)
 
 
-def load_cifar10(cfg: DataConfig, split: str) -> InMemoryDataset:
+def load_cifar10(cfg: DataConfig, split: str, progress: bool = True) -> InMemoryDataset:
     check_native_shape(cfg, 32, 3)
     if cfg.path is None:
         raise DistillKacError("data.path: the cifar10 dataset needs a path (--data): the cifar-10-batches-py "
@@ -127,7 +127,8 @@ def load_cifar10(cfg: DataConfig, split: str) -> InMemoryDataset:
         return _load_cifar_batches(cfg, split, folder)
     with _open_image_source(path) as source:
         index = _index_images(source, split, cfg.name, require_split=True, labels="subfolders")
-        images, labels, skipped = _decode_index(source, index, _cifar_decoder, (3, 32, 32), cfg.bad_files)
+        images, labels, skipped = _decode_index(source, index, _cifar_decoder, (3, 32, 32), cfg.bad_files,
+                                                 progress)
     info = {"name": "cifar10", "split": split, "source": str(path.resolve()), "source_format": source.kind,
             "ignored_files": source.ignored,
             "preprocessing": f"decoded 32x32 images as RGB uint8; {scale_info(cfg.hflip)}"}
@@ -265,7 +266,7 @@ def _decode_one(name: str, data: bytes, convert: _Converter) -> np.ndarray | str
 
 
 def _decode_index(source: _ImageSource, index: _ImageIndex, convert: _Converter, shape: tuple[int, int, int],
-                  bad_files: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+                  bad_files: str, progress: bool) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Decode every indexed file into one preallocated uint8 tensor ``[N, *shape]`` (shape = C, H, W).
 
     A thread pool decodes (PIL releases the GIL while decoding and resizing); files are read in chunks
@@ -278,7 +279,7 @@ def _decode_index(source: _ImageSource, index: _ImageIndex, convert: _Converter,
     first_reason = ""
     workers = min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(index.names), desc="decoding images", unit="img",
-                                                   disable=len(index.names) < 5000) as bar:
+                                                   disable=not progress or len(index.names) < 5000) as bar:
         for start in range(0, len(index.names), _DECODE_CHUNK):
             names = index.names[start:start + _DECODE_CHUNK]
             blobs = [source.read(n) for n in names]
@@ -327,7 +328,7 @@ def _folder_decoder(resolution: int, channels: int) -> _Converter:
     return convert
 
 
-def load_folder(cfg: DataConfig, split: str) -> InMemoryDataset:
+def load_folder(cfg: DataConfig, split: str, progress: bool = True) -> InMemoryDataset:
     if cfg.path is None:
         raise DistillKacError("data.path: the folder dataset needs a path (--data) to a folder or .zip of "
                               "images")
@@ -340,7 +341,7 @@ def load_folder(cfg: DataConfig, split: str) -> InMemoryDataset:
         index = _index_images(source, split, "folder", require_split=False, labels=cfg.labels)
         convert = _folder_decoder(cfg.resolution, channels)
         shape = (channels, cfg.resolution, cfg.resolution)
-        images, labels, skipped = _decode_index(source, index, convert, shape, cfg.bad_files)
+        images, labels, skipped = _decode_index(source, index, convert, shape, cfg.bad_files, progress)
     info = {"name": "folder", "split": index.split, "source": str(path.resolve()),
             "source_format": source.kind,
             "ignored_files": source.ignored,

@@ -130,7 +130,7 @@ def infer_source(path: str | os.PathLike) -> tuple[str, Path]:
 
 
 def load_reference_images(source: str, path: str | os.PathLike, split: str, *, resolution: int | None,
-                          channels: int | None, bad_files: str) -> InMemoryDataset:
+                          channels: int | None, bad_files: str, progress: bool = True) -> InMemoryDataset:
     """The images of a reference set: an .npz of images as stored (``split`` does not apply), or the
     dataset ``source`` loads. Folders are read unlabelled, at the images' own size and channels (as
     ``train`` reads them, from the train/ images when there are splits) unless ``resolution`` or
@@ -142,7 +142,7 @@ def load_reference_images(source: str, path: str | os.PathLike, split: str, *, r
     if source != "npz":
         config = DataConfig(name=source, path=str(path), resolution=resolution, channels=channels,
                             bad_files=bad_files, labels="none" if source == "folder" else "auto")
-        return load_dataset(config, split)
+        return load_dataset(config, split, progress)
     file = Path(path).expanduser()
     if not file.is_file():
         raise DistillKacError(f"--data: {file} does not exist")
