@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -14,8 +15,9 @@ from distillkac.cli import main
 from distillkac.demo import BUDGETS, MARKER_FILE, OWN_ENTRIES, eval_steps, prepare_outdir
 from distillkac.errors import DistillKacError
 from distillkac.nets import REFERENCE_CONFIGS
+from distillkac.paths import PathConfig
 from distillkac.presets import get_preset
-from distillkac.report import REPORT_JSON, REPORT_MD
+from distillkac.report import REPORT_JSON, REPORT_MD, target_profiles
 from distillkac.reproduce import FORWARD_GFLOP, Plan, Step, build_plan, plan_summary, resolve_throughput, run_plan
 from distillkac.stats import HOLDS, VERDICTS
 
@@ -228,3 +230,12 @@ def test_run_plan_skips_finished_steps_and_stops_at_a_failure(tmp_path):
     with pytest.raises(DistillKacError, match=r"step 2 \(broken\) failed with exit code 2"):
         run_plan(Plan("cifar10", [finished, failing, never], 0.0), gpus=1, echo=lines.append)
     assert "skipped" in lines[0] and "$ distillkac train --preset toy2d" in lines[-1]
+
+
+@pytest.mark.parametrize("kac_c", [1.0, 3.0])
+def test_target_profiles_use_the_teachers_kac_constants(kac_c):
+    """The Kac conditional target is bounded by 1 + c of the teacher's own path (method.md §1-2)."""
+    path = dataclasses.asdict(PathConfig(kind="kac", kac_a=kac_c ** 2, kac_c=kac_c))
+    kac = target_profiles(4, path)["kac"]
+    assert kac["max_abs_all"] <= 1 + kac_c + 1e-9
+    assert kac["max_abs_all"] > 0.9 * kac_c  # the atoms move at full speed c at some coordinate

@@ -264,14 +264,16 @@ def _velocity(profiles: dict[str, dict[str, Any]], targets: dict[str, dict[str, 
 
 # ------------------------------------------------------------------------------------ report files
 
-def target_profiles(plan_steps: int) -> dict[str, dict[str, Any]]:
+def target_profiles(plan_steps: int, kac_path: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Conditional target velocities u*(x_t, t | x0) of the three paths on the held-out digits at the times
-    of the velocity diagnostics (no network); deterministic (generator seed 0)."""
+    of the velocity diagnostics (no network); the Kac path is the teacher's (``kac_path``, its config
+    dict); deterministic (generator seed 0)."""
     images = digits_reference_images().double()
     times = time_grid(plan_steps, 1.0, PROFILE_GRID)[:-1].tolist()
     out = {}
     for kind in ("kac", "vp", "flow"):
-        profile = analytic_velocity_profile(build_path({"kind": kind}), images, times,
+        path = build_path(kac_path if kind == "kac" else {"kind": kind})
+        profile = analytic_velocity_profile(path, images, times,
                                             torch.Generator().manual_seed(0))
         out[kind] = {**profile, "max_abs_all": max(profile["max_abs"])}
     return out
@@ -285,10 +287,11 @@ def build_report(outdir: Path, budget: dict[str, Any], parts: dict[str, dict[str
     profiles = {name.removeprefix("velocity_"): item for name, item in parts.items() if name.startswith("velocity_")}
     rows = sorted_rows([row for item in evals for row in item["rows"]])
     plot_metric_vs_nfe(rows, outdir / NFE_PLOT)
-    kac_c = float(parts["train_teacher"]["config"]["path"]["kac_c"])
+    kac_path = parts["train_teacher"]["config"]["path"]
+    kac_c = float(kac_path["kac_c"])
     plot_velocity_profiles({f"{m.label} ({m.solver}, w={GUIDANCE:g})": profiles[m.key]["profile"] for m in TRAINED},
                            outdir / VELOCITY_PLOT, kac_c=kac_c)
-    targets = target_profiles(budget["plan"][0])
+    targets = target_profiles(budget["plan"][0], kac_path)
     plot_velocity_profiles({f"{kind} conditional target": targets[kind] for kind in ("kac", "flow", "vp")},
                            outdir / TARGETS_PLOT, kac_c=kac_c)
     closeness = {}
