@@ -60,11 +60,16 @@ def _row_step(line: str) -> float:
     return row.get("step", 0) if isinstance(row, dict) and isinstance(row.get("step", 0), int) else math.inf
 
 
+def class_list(names, shown: int = 5) -> str:
+    """The first ``shown`` class names, comma-separated, with "..." when there are more."""
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
 def run_summary(config: RunConfig, dataset) -> list[str]:
     """A few lines on what a teacher run trains: data, network, length and previews."""
     train, optim = config.train, config.optim
-    names = ", ".join(dataset.class_names[:5]) + (", ..." if len(dataset.class_names) > 5 else "")
-    classes = (f"{dataset.num_classes} classes ({names}), label dropout {train.label_dropout:g} for guidance"
+    classes = (f"{dataset.num_classes} classes ({class_list(dataset.class_names)}), "
+               f"label dropout {train.label_dropout:g} for guidance"
                if dataset.num_classes else "unconditional")
     source = f" from {config.data.path}" if config.data.path else ""
     kind = "images" if getattr(dataset, "is_image", False) else "points"

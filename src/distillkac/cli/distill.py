@@ -124,16 +124,13 @@ def register(subparsers) -> None:
     group.add_argument("--student-dropout", type=float, default=None,
                        help="the students' dropout rate (default: the teacher's)")
     group.add_argument("--loss", choices=list(LOSS_FORMS), default=None,
-                       help="endpoint MSE, or the same divided by the student step squared (a velocity error) "
-                            "")
+                       help="endpoint MSE, or the same divided by the student step squared (a velocity error)")
     group.add_argument("--pool-refresh", type=int, default=None,
                        help="optimiser steps between trajectory-pool rebuilds")
     group.add_argument("--pool-reuse", type=float, default=None,
-                       help="average uses of each pooled pair; sets the pool's size "
-                            "")
+                       help="average uses of each pooled pair; sets the pool's size")
     group.add_argument("--steps-per-stage", type=_counts, default=None,
-                       help="optimiser steps per stage: one count, or one per stage "
-                            "")
+                       help="optimiser steps per stage: one count, or one per stage")
     group.add_argument("--batch", type=int, default=None, help="GLOBAL batch size (all processes together)")
     group.add_argument("--micro-batch", type=int, default=None, help="images per forward pass; divides --batch")
     group.add_argument("--lr", type=float, default=None, help="learning rate")

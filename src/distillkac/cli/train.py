@@ -32,6 +32,7 @@ from distillkac.nets import config_parameter_count
 from distillkac.paths import F_SCHEDULES, G_SCHEDULES, PATH_KINDS
 from distillkac.presets import PRESETS, get_preset, own_images_config, recipe_for_resolution
 from distillkac.previews import CPU_PREVIEW
+from distillkac.runlog import class_list
 from distillkac.runtime import PRECISIONS
 
 #: option -> (section, field) of the RunConfig it sets
@@ -220,8 +221,8 @@ def _base_config(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
     config = own_images_config(info, labels, args.resolution, args.channels)
     sizes = (f"all {next(iter(info.sizes))[0]}x{next(iter(info.sizes))[1]}" if len(info.sizes) == 1
              else f"{len(info.sizes)} sizes")
-    names = ", ".join(info.class_names[:5]) + (", ..." if len(info.class_names) > 5 else "")
-    classes = f"{len(info.class_names)} classes ({names})" if info.class_names else "no classes (unconditional)"
+    classes = (f"{len(info.class_names)} classes ({class_list(info.class_names)})" if info.class_names
+               else "no classes (unconditional)")
     unreadable = f"; {info.unreadable} unreadable file(s) left out" if info.unreadable else ""
     return config, [f"read from {info.count:,} images in {info.path} ({sizes}{unreadable}): resolution "
                     f"{config.data.resolution}, {config.data.channels} channel(s), {classes}; the "
