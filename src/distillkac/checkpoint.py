@@ -59,7 +59,6 @@ class Artifact:
     """
 
     meta: dict[str, Any]
-    directory: Path | None = None
 
     DIR: ClassVar[str] = "artifact"
     WEIGHTS: ClassVar[str] = "model.safetensors"
@@ -88,12 +87,8 @@ class Artifact:
         return int(read_artifact_meta(directory).get("train_step", 0))
 
     @property
-    def kind(self) -> str | None:
-        return self.meta.get("kind")
-
-    @property
     def is_student(self) -> bool:
-        return self.kind == self.STUDENT
+        return self.meta.get("kind") == self.STUDENT
 
     def baked_sampling(self) -> Sampling | None:
         """The student rule: a distilled student keeps the guidance, steps, solver (Euler) and grid it was
@@ -142,12 +137,9 @@ def portable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def save_artifact(directory: str | os.PathLike, model: nn.Module, meta: dict[str, Any]) -> dict[str, Any]:
-    """Write ``model`` (pass the EMA network) as an artefact directory; returns the written meta.
-
-    ``meta`` (e.g. ``{"kind": "teacher", "path": {...}}``) is extended with the format, version, network
-    config, class count, data shape and ``weights_sha256``. The directory is replaced atomically: a crash
-    leaves either the old or the new artefact.
-    """
+    """Write ``model`` (pass the EMA network) as an artefact directory, replaced atomically; returns the meta:
+    ``meta`` (e.g. ``{"kind": "teacher", "path": {...}}``) with the format, version, network config, class
+    count, data shape and ``weights_sha256``."""
     net = _unwrap(model)
     weights = save(portable_state_dict(net))
     full_meta = {"format": ARTIFACT_FORMAT, "version": ARTIFACT_VERSION, **meta,

@@ -1,30 +1,28 @@
 """Run configurations: dataclasses for every part of a run, their JSON round trip and validation.
 
 A ``RunConfig`` is what a run directory's ``config.json`` holds (plus an ``"environment"`` record
-written by the training loop); ``to_dict()`` / ``from_dict()`` round-trip it through JSON and
-``validate()`` rejects nonsense with a one-line ``DistillKacError`` naming the field. A ``DistillConfig``
-describes a whole distillation; each of its stages is a RunConfig with the teacher's network and path.
-The per-dataset values of these configs are in presets.py.
+written by the training loop); ``validate()`` rejects nonsense with a one-line ``DistillKacError`` naming
+the field. A ``DistillConfig`` describes a whole distillation; each of its stages is a RunConfig with the
+teacher's network and path. The per-dataset values of these configs are in presets.py.
 
 Batch sizes are GLOBAL (EDM practice): ``train.batch`` images per optimiser step whatever the number
 of processes, cut into fixed micro-batches of ``train.micro_batch`` images (see train.py for why this
 makes a run independent of the process count). EMA is given as a half-life in images, so its meaning
-does not change with the batch size: ``beta = 0.5 ** (batch / ema_halflife_images)``. An EMA decay
-``d`` per step of ``B`` images has the half-life ``B * ln(0.5) / ln(d)`` images.
+does not change with the batch size: ``beta = 0.5 ** (batch / ema_halflife_images)``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 from distillkac.data import DataConfig
 from distillkac.errors import DistillKacError
-from distillkac.fields import dataclass_from_dict
+from distillkac.fields import dataclass_from_dict, is_int, is_number, require
 from distillkac.nets import MLPConfig, NetworkConfig, UNetConfig, network_config_from_dict
 from distillkac.paths import PathConfig
 from distillkac.runtime import PRECISIONS
@@ -37,20 +35,8 @@ LOSS_FORMS = ("endpoint", "velocity")
 
 
 def ema_halflife_for_decay(decay: float, batch: int) -> float:
-    """The EMA half-life in images equivalent to a per-step decay ``decay`` at batch size ``batch``."""
+    """The half-life ``B ln(0.5) / ln(d)`` in images of an EMA decay ``d`` per step of ``B = batch`` images."""
     return batch * math.log(0.5) / math.log(decay)
-
-
-def _fail(field_name: str, rule: str, value: Any) -> None:
-    raise DistillKacError(f"{field_name}: {rule}, got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
 @dataclass
@@ -66,19 +52,17 @@ class OptimConfig:
     eps: float = 1e-8
 
     def validate(self) -> None:
-        if not (_is_number(self.lr) and self.lr > 0):
-            _fail("optim.lr", "must be a finite number > 0", self.lr)
+        require(is_number(self.lr) and self.lr > 0, "optim.lr", "must be a finite number > 0", self.lr)
         betas = tuple(self.betas) if isinstance(self.betas, list | tuple) else ()
-        if len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
-            _fail("optim.betas", "must be two numbers in [0, 1)", self.betas)
-        if not (_is_number(self.weight_decay) and self.weight_decay >= 0):
-            _fail("optim.weight_decay", "must be a finite number >= 0", self.weight_decay)
-        if not (_is_int(self.warmup_images) and self.warmup_images >= 0):
-            _fail("optim.warmup_images", "must be an integer >= 0", self.warmup_images)
-        if not (_is_number(self.grad_clip) and self.grad_clip >= 0):
-            _fail("optim.grad_clip", "must be a finite number >= 0 (0 = no clipping)", self.grad_clip)
-        if not (_is_number(self.eps) and self.eps > 0):
-            _fail("optim.eps", "must be a finite number > 0", self.eps)
+        require(len(betas) == 2 and all(is_number(b) and 0 <= b < 1 for b in betas), "optim.betas",
+                "must be two numbers in [0, 1)", self.betas)
+        require(is_number(self.weight_decay) and self.weight_decay >= 0, "optim.weight_decay",
+                "must be a finite number >= 0", self.weight_decay)
+        require(is_int(self.warmup_images) and self.warmup_images >= 0, "optim.warmup_images",
+                "must be an integer >= 0", self.warmup_images)
+        require(is_number(self.grad_clip) and self.grad_clip >= 0, "optim.grad_clip",
+                "must be a finite number >= 0 (0 = no clipping)", self.grad_clip)
+        require(is_number(self.eps) and self.eps > 0, "optim.eps", "must be a finite number > 0", self.eps)
 
 
 @dataclass
@@ -112,36 +96,32 @@ class TrainConfig:
     def validate(self) -> None:
         for name in ("steps", "batch", "micro_batch", "log_every", "ckpt_every"):
             value = getattr(self, name)
-            if not (_is_int(value) and value > 0):
-                _fail(f"train.{name}", "must be an integer > 0", value)
+            require(is_int(value) and value > 0, f"train.{name}", "must be an integer > 0", value)
         for name in ("sample_every", "preview_num", "preview_steps"):
             value = getattr(self, name)
-            if not (_is_int(value) and value >= 0):
-                _fail(f"train.{name}", "must be an integer >= 0 (0 = no previews)", value)
-        if self.batch % self.micro_batch:
-            _fail("train.micro_batch", f"must divide train.batch = {self.batch}", self.micro_batch)
-        if not (_is_number(self.ema_halflife_images) and self.ema_halflife_images > 0):
-            _fail("train.ema_halflife_images", "must be a finite number > 0", self.ema_halflife_images)
-        if self.ema_rampup is not None and not (_is_number(self.ema_rampup) and self.ema_rampup > 0):
-            _fail("train.ema_rampup", "must be a number > 0 or null (no ramp-up)", self.ema_rampup)
-        if not (_is_number(self.label_dropout) and 0 <= self.label_dropout < 1):
-            _fail("train.label_dropout", "must be in [0, 1)", self.label_dropout)
-        if not (_is_int(self.seed) and 0 <= self.seed < 2**63):
-            _fail("train.seed", "must be an integer in [0, 2**63)", self.seed)
-        if self.preview_solver not in PREVIEW_SOLVERS:
-            _fail("train.preview_solver", f"must be one of {', '.join(PREVIEW_SOLVERS)}", self.preview_solver)
-        if not (_is_number(self.preview_guidance) and self.preview_guidance >= 0):
-            _fail("train.preview_guidance", "must be a finite number >= 0", self.preview_guidance)
-        if self.precision not in PRECISIONS:
-            _fail("train.precision", f"must be one of {', '.join(PRECISIONS)}", self.precision)
-        if self.channels_last not in CHANNELS_LAST:
-            _fail("train.channels_last", f"must be one of {', '.join(CHANNELS_LAST)}", self.channels_last)
-        if not isinstance(self.compile, bool):
-            _fail("train.compile", "must be true or false", self.compile)
-        if not isinstance(self.device, str) or not self.device:
-            _fail("train.device", "must be 'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
-        if not (_is_int(self.skip_nonfinite) and self.skip_nonfinite >= 0):
-            _fail("train.skip_nonfinite", "must be an integer >= 0", self.skip_nonfinite)
+            require(is_int(value) and value >= 0, f"train.{name}", "must be an integer >= 0 (0 = no previews)", value)
+        require(self.batch % self.micro_batch == 0, "train.micro_batch", f"must divide train.batch = {self.batch}",
+                self.micro_batch)
+        require(is_number(self.ema_halflife_images) and self.ema_halflife_images > 0, "train.ema_halflife_images",
+                "must be a finite number > 0", self.ema_halflife_images)
+        require(self.ema_rampup is None or (is_number(self.ema_rampup) and self.ema_rampup > 0), "train.ema_rampup",
+                "must be a number > 0 or null (no ramp-up)", self.ema_rampup)
+        require(is_number(self.label_dropout) and 0 <= self.label_dropout < 1, "train.label_dropout",
+                "must be in [0, 1)", self.label_dropout)
+        require(is_int(self.seed) and 0 <= self.seed < 2**63, "train.seed", "must be an integer in [0, 2**63)",
+                self.seed)
+        require(self.preview_solver in PREVIEW_SOLVERS, "train.preview_solver",
+                f"must be one of {', '.join(PREVIEW_SOLVERS)}", self.preview_solver)
+        require(is_number(self.preview_guidance) and self.preview_guidance >= 0, "train.preview_guidance",
+                "must be a finite number >= 0", self.preview_guidance)
+        for name, allowed in (("precision", PRECISIONS), ("channels_last", CHANNELS_LAST)):
+            value = getattr(self, name)
+            require(value in allowed, f"train.{name}", f"must be one of {', '.join(allowed)}", value)
+        require(isinstance(self.compile, bool), "train.compile", "must be true or false", self.compile)
+        require(isinstance(self.device, str) and bool(self.device), "train.device",
+                "must be 'auto', 'cpu', 'cuda' or 'cuda:N'", self.device)
+        require(is_int(self.skip_nonfinite) and self.skip_nonfinite >= 0, "train.skip_nonfinite",
+                "must be an integer >= 0", self.skip_nonfinite)
 
 
 #: Fields of ``train`` a resumed run may change: length, logging, previews and checkpoint cadence.
@@ -183,36 +163,31 @@ class DistillConfig:
     def validate(self) -> DistillConfig:
         """Refuse nonsense in the distillation's own fields (``optim`` and ``train`` are validated with
         each stage's RunConfig); returns self."""
-        if self.start_states not in START_STATES:
-            raise DistillKacError(f"--start-states: must be one of {', '.join(START_STATES)}, "
-                                  f"got {self.start_states!r}")
-        if self.target not in STAGE1_TARGETS:
-            raise DistillKacError(f"--target: must be one of {', '.join(STAGE1_TARGETS)}, got {self.target!r}")
+        require(self.start_states in START_STATES, "--start-states", f"must be one of {', '.join(START_STATES)}",
+                self.start_states)
+        require(self.target in STAGE1_TARGETS, "--target", f"must be one of {', '.join(STAGE1_TARGETS)}", self.target)
         if self.target == "ab2-carried" and self.start_states == "data":
             raise DistillKacError("--target: ab2-carried reads the teacher's roll-outs; use it with --start-states "
                                   "rollout or mix")
-        if self.loss not in LOSS_FORMS:
-            raise DistillKacError(f"--loss: must be one of {', '.join(LOSS_FORMS)}, got {self.loss!r}")
-        if self.student_dropout is not None and not (_is_number(self.student_dropout)
-                                                     and 0 <= self.student_dropout < 1):
-            raise DistillKacError(f"--student-dropout: must be in [0, 1), got {self.student_dropout!r}")
-        if not (_is_int(self.pool_refresh) and self.pool_refresh >= 1):
-            raise DistillKacError(f"--pool-refresh: must be a positive integer, got {self.pool_refresh!r}")
-        if not (_is_number(self.pool_reuse) and self.pool_reuse > 0):
-            raise DistillKacError(f"--pool-reuse: must be a number > 0, got {self.pool_reuse!r}")
-        if self.teacher_precision is not None and self.teacher_precision not in PRECISIONS:
-            raise DistillKacError(f"--teacher-precision: must be one of {', '.join(PRECISIONS)}, "
-                                  f"got {self.teacher_precision!r}")
-        if not (isinstance(self.closeness_samples, int) and self.closeness_samples >= 1):
-            raise DistillKacError(f"--closeness-samples: must be a positive integer, got {self.closeness_samples!r}")
-        if not (isinstance(self.guidance, int | float) and math.isfinite(self.guidance) and self.guidance >= 0):
-            raise DistillKacError(f"--guidance: must be a finite number >= 0, got {self.guidance!r}")
+        require(self.loss in LOSS_FORMS, "--loss", f"must be one of {', '.join(LOSS_FORMS)}", self.loss)
+        require(self.student_dropout is None or (is_number(self.student_dropout) and 0 <= self.student_dropout < 1),
+                "--student-dropout", "must be in [0, 1)", self.student_dropout)
+        require(is_int(self.pool_refresh) and self.pool_refresh >= 1, "--pool-refresh", "must be a positive integer",
+                self.pool_refresh)
+        require(is_number(self.pool_reuse) and self.pool_reuse > 0, "--pool-reuse", "must be a number > 0",
+                self.pool_reuse)
+        require(self.teacher_precision is None or self.teacher_precision in PRECISIONS, "--teacher-precision",
+                f"must be one of {', '.join(PRECISIONS)}", self.teacher_precision)
+        require(isinstance(self.closeness_samples, int) and self.closeness_samples >= 1, "--closeness-samples",
+                "must be a positive integer", self.closeness_samples)
+        require(isinstance(self.guidance, int | float) and math.isfinite(self.guidance) and self.guidance >= 0,
+                "--guidance", "must be a finite number >= 0", self.guidance)
         counts = self.steps_per_stage if isinstance(self.steps_per_stage, tuple) else (self.steps_per_stage,)
         if isinstance(self.steps_per_stage, tuple) and len(counts) != len(self.plan) - 1:
             raise DistillKacError(f"--steps-per-stage: give one count, or one per stage ({len(self.plan) - 1} for "
                                   f"the plan {','.join(map(str, self.plan))}), got {len(counts)}")
-        if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
-            raise DistillKacError(f"--steps-per-stage: must be positive integers, got {self.steps_per_stage!r}")
+        require(all(is_int(n) and n >= 1 for n in counts), "--steps-per-stage", "must be positive integers",
+                self.steps_per_stage)
         return self
 
     def stage_steps(self, stage) -> int:
@@ -245,9 +220,7 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (tuples become lists when dumped)."""
-        return {"data": dataclasses.asdict(self.data), "net": self.net.to_dict(),
-                "path": dataclasses.asdict(self.path), "optim": dataclasses.asdict(self.optim),
-                "train": dataclasses.asdict(self.train), "distill": self.distill}
+        return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> RunConfig:
@@ -273,55 +246,39 @@ class RunConfig:
 
     def validate(self) -> RunConfig:
         """Raise DistillKacError (one line, naming the field) for any nonsense value; returns self."""
-        if not isinstance(self.data, DataConfig):
-            _fail("data", "must be a DataConfig", type(self.data).__name__)
-        if not isinstance(self.net, UNetConfig | MLPConfig):
-            _fail("net", "must be a UNetConfig or MLPConfig", type(self.net).__name__)
+        require(isinstance(self.data, DataConfig), "data", "must be a DataConfig", type(self.data).__name__)
+        require(isinstance(self.net, UNetConfig | MLPConfig), "net", "must be a UNetConfig or MLPConfig",
+                type(self.net).__name__)
         self.net.validate()
         self.path.validate()
         self.optim.validate()
         self.train.validate()
-        is_toy = self.data.name == "toy2d"
-        if is_toy != isinstance(self.net, MLPConfig):
-            _fail("net.kind", "toy2d data needs the mlp network and images need the unet", self.net.kind)
+        require((self.data.name == "toy2d") == isinstance(self.net, MLPConfig), "net.kind",
+                "toy2d data needs the mlp network and images need the unet", self.net.kind)
         if isinstance(self.net, UNetConfig):
-            if self.data.resolution is not None and self.data.resolution != self.net.resolution:
-                _fail("net.resolution", f"must equal data.resolution = {self.data.resolution}",
-                      self.net.resolution)
-            if self.data.channels is not None and self.data.channels != self.net.image_channels:
-                _fail("net.image_channels", f"must equal data.channels = {self.data.channels}",
-                      self.net.image_channels)
+            require(self.data.resolution in (None, self.net.resolution), "net.resolution",
+                    f"must equal data.resolution = {self.data.resolution}", self.net.resolution)
+            require(self.data.channels in (None, self.net.image_channels), "net.image_channels",
+                    f"must equal data.channels = {self.data.channels}", self.net.image_channels)
         return self
 
 
-def config_differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted names of the fields that differ between two ``RunConfig.to_dict()`` dicts."""
-    differing = []
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any, Any]]:
+    """``(dotted name, old value, new value)`` of each field that differs between two nested dicts, by name."""
     for key in sorted(set(old) | set(new)):
         name = f"{prefix}{key}"
         a, b = old.get(key), new.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            differing.extend(config_differences(a, b, f"{name}."))
+            yield from _differences(a, b, f"{name}.")
         elif _normalise(a) != _normalise(b):
-            differing.append(name)
-    return differing
+            yield name, a, b
 
 
 def first_difference(stored: dict[str, Any], current: dict[str, Any], ignored: Collection[str] = ()
                      ) -> tuple[str, Any, Any] | None:
-    """``(dotted name, stored value, current value)`` of the first field (in ``config_differences``
-    order) that differs between two ``RunConfig.to_dict()`` dicts and is not in ``ignored``; None if none."""
-    for name in config_differences(stored, current):
-        if name not in ignored:
-            return name, _lookup(stored, name), _lookup(current, name)
-    return None
-
-
-def _lookup(values: Any, dotted: str) -> Any:
-    """The value at a dotted name (``"train.batch"``) of nested dicts; None where a part is missing."""
-    for part in dotted.split("."):
-        values = values.get(part) if isinstance(values, dict) else None
-    return values
+    """``(dotted name, stored value, current value)`` of the first field (by dotted name) that differs between
+    two ``RunConfig.to_dict()`` dicts and is not in ``ignored``; None if none."""
+    return next((difference for difference in _differences(stored, current) if difference[0] not in ignored), None)
 
 
 def _normalise(value: Any) -> Any:
@@ -338,13 +295,13 @@ def fit_to_run(optim: OptimConfig, train: TrainConfig, run_images: int, *, fit_m
     ``run_images`` is cut to that fifth."""
     notes = []
     batch, micro = train.batch, train.micro_batch
-    if fit_micro_batch and _is_int(batch) and _is_int(micro) and 0 < batch and 0 < micro and batch % micro:
+    if fit_micro_batch and is_int(batch) and is_int(micro) and 0 < batch and 0 < micro and batch % micro:
         fitted = max(d for d in range(1, min(batch, micro) + 1) if batch % d == 0)
         notes.append(f"micro-batch lowered from {micro} to {fitted} to divide --batch {batch} "
                      f"(set --micro-batch to choose)")
         train = dataclasses.replace(train, micro_batch=fitted)
     limit = max(run_images, 0) // 5
-    if fit_warmup and _is_int(optim.warmup_images) and optim.warmup_images > limit:
+    if fit_warmup and is_int(optim.warmup_images) and optim.warmup_images > limit:
         notes.append(f"learning-rate warm-up shortened from {optim.warmup_images:,} to {limit:,} images, a fifth "
                      f"of this run's {run_images:,} (set --warmup-images to choose)")
         optim = dataclasses.replace(optim, warmup_images=limit)

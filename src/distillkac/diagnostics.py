@@ -123,8 +123,6 @@ def plot_velocity_profiles(profiles: dict[str, Profile], path: str | os.PathLike
     save_figure_png(figure, path)
 
 
-# ----------------------------------------------------------------------------------- path closeness
-
 @torch.no_grad()
 def path_closeness(teacher_fn: TeacherFn, student_model: nn.Module, *, path, teacher_steps: int,
                    student_steps: int, seeds: Sequence[int], labels: torch.Tensor | None = None,
@@ -167,37 +165,22 @@ def _squared_distances(teacher_fn: TeacherFn, student_model: nn.Module, x: torch
                        teacher_grid: torch.Tensor, student_grid: torch.Tensor, teacher_solver: str
                        ) -> torch.Tensor:
     """Sum over the batch and coordinates of the squared teacher-student distance at each teacher time."""
-    student = _StudentPath(student_grid, teacher_grid)
-    solve(lambda s, t: student_model(s, t, y).float(), x, student_grid, method="euler", on_step=student.record)
+    steps: list[tuple[torch.Tensor, torch.Tensor]] = []  # the student's Euler states and velocities
+    solve(lambda s, t: student_model(s, t, y).float(), x, student_grid, method="euler",
+          on_step=lambda k, t, state, u: steps.append((state, u)))
+    segment = (len(teacher_grid) - 1) // (len(student_grid) - 1)
     squares = torch.zeros(len(teacher_grid), dtype=torch.float64)
 
     def compare(i: int, t: float, state: torch.Tensor, u: torch.Tensor) -> None:
-        squares[i] = (state.double() - student.state_at(i).double()).square().sum().cpu()
+        """Against the student's piecewise-linear path at teacher time ``i`` (the last end is the Euler endpoint)."""
+        k = min(i // segment, len(steps) - 1)
+        student = steps[k][0] - float(student_grid[k] - teacher_grid[i]) * steps[k][1]
+        squares[i] = (state.double() - student.double()).square().sum().cpu()
 
     final = solve(lambda s, t: teacher_fn(s, t, y).float(), x, teacher_grid, method=teacher_solver,
                   on_step=compare).x
-    squares[-1] = (final.double() - student.state_at(len(teacher_grid) - 1).double()).square().sum().cpu()
+    compare(len(teacher_grid) - 1, 0.0, final, final)
     return squares
-
-
-class _StudentPath:
-    """The student's Euler states and velocities, and its piecewise-linear path at teacher grid times."""
-
-    def __init__(self, student_grid: torch.Tensor, teacher_grid: torch.Tensor) -> None:
-        self.student_grid, self.teacher_grid = student_grid, teacher_grid
-        self.segment = (len(teacher_grid) - 1) // (len(student_grid) - 1)
-        self.states: list[torch.Tensor] = []
-        self.velocities: list[torch.Tensor] = []
-
-    def record(self, k: int, t: float, state: torch.Tensor, u: torch.Tensor) -> None:
-        self.states.append(state)
-        self.velocities.append(u)
-
-    def state_at(self, i: int) -> torch.Tensor:
-        """The student's state at teacher grid time ``i`` (the interval's end is the Euler endpoint)."""
-        k = min(i // self.segment, len(self.states) - 1)
-        offset = float(self.student_grid[k] - self.teacher_grid[i])
-        return self.states[k] - offset * self.velocities[k]
 
 
 def plot_closeness(curves: dict[str, dict[str, Any]], path: str | os.PathLike, title: str | None = None) -> None:

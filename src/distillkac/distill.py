@@ -23,6 +23,7 @@ hash); stages.py runs, resumes and guards the stages.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -33,26 +34,24 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from distillkac.checkpoint import Artifact, load_artifact
-from distillkac.config import LOSS_FORMS, STAGE1_TARGETS, START_STATES
+from distillkac.checkpoint import Artifact, Sampling, load_artifact
+from distillkac.config import DistillConfig
 from distillkac.errors import DistillKacError
 from distillkac.guidance import check_guidance, guided_velocity
 from distillkac.paths import per_row
 from distillkac.rng import rand
 from distillkac.runtime import autocast
-from distillkac.solvers import VelocityFn, solve, time_grid
+from distillkac.solvers import solve, time_grid
 from distillkac.train import derive_seed
 
-# ------------------------------------------------------------------------------------------ the plan
 
 def parse_plan(text: str) -> tuple[int, ...]:
     """``"100,20,4,2,1"`` -> ``(100, 20, 4, 2, 1)`` (at least two positive integers)."""
     try:
-        plan = tuple(int(part) for part in str(text).split(","))
+        return tuple(int(part) for part in str(text).split(","))
     except ValueError as err:
         raise DistillKacError(f"--plan: expected comma-separated step counts such as 100,20,4,2,1, "
                               f"got {text!r}") from err
-    return plan
 
 
 def validate_plan(plan: Sequence[int], teacher_steps: int | None = None) -> tuple[int, ...]:
@@ -96,8 +95,6 @@ def plan_stages(plan: Sequence[int]) -> list[Stage]:
     return [Stage(i + 1, teacher, student) for i, (teacher, student) in enumerate(zip(plan, plan[1:]))]
 
 
-# -------------------------------------------------------------------------------------- the teacher
-
 @dataclass
 class Teacher:
     """A frozen teacher: its network, meta, weights hash, own step count and solver.
@@ -118,9 +115,7 @@ class Teacher:
     precision: str | None = None
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.precision is None:
-            return guided_velocity(self.model, x, t, y, self.forward_guidance)
-        with autocast(x.device, self.precision):
+        with contextlib.nullcontext() if self.precision is None else autocast(x.device, self.precision):
             return guided_velocity(self.model, x, t, y, self.forward_guidance)
 
     def record(self) -> dict[str, Any]:
@@ -148,21 +143,18 @@ def load_teacher(artifact: str | os.PathLike, steps: int, guidance: float,
     kind = meta.get("kind")
     if kind not in Artifact.KINDS:
         raise DistillKacError(f"--teacher: {artifact} is a {kind!r} artefact; expected one of {Artifact.KINDS}")
-    own = Artifact(meta, artifact).baked_sampling()
-    if own is not None:
-        if own.steps != steps:
-            raise DistillKacError(f"--plan: the first step count {steps} must equal the teacher's steps "
-                                  f"{own.steps} ({artifact} is a {own.steps}-step student)")
-        if guidance != own.guidance:
-            raise DistillKacError(f"--guidance: {artifact} is a student with guidance w={own.guidance:g} baked "
-                                  f"in; its students keep it (got {guidance:g})")
-        return Teacher(model, meta, meta["weights_sha256"], steps, own.solver, own.guidance, own.forward_guidance,
-                       artifact, precision)
-    weight = check_guidance(guidance, int(meta["num_classes"]))
-    return Teacher(model, meta, meta["weights_sha256"], steps, "ab2", weight, weight, artifact, precision)
+    own = Artifact(meta).baked_sampling()
+    if own is None:
+        own = Sampling(steps, "ab2", check_guidance(guidance, int(meta["num_classes"])))
+    elif own.steps != steps:
+        raise DistillKacError(f"--plan: the first step count {steps} must equal the teacher's steps "
+                              f"{own.steps} ({artifact} is a {own.steps}-step student)")
+    elif guidance != own.guidance:
+        raise DistillKacError(f"--guidance: {artifact} is a student with guidance w={own.guidance:g} baked "
+                              f"in; its students keep it (got {guidance:g})")
+    return Teacher(model, meta, meta["weights_sha256"], steps, own.solver, own.guidance, own.forward_guidance,
+                   artifact, precision)
 
-
-# ------------------------------------------------------------------------------------------ the loss
 
 class EndpointPair(NamedTuple):
     """One training example: start state and time, end time, the teacher's endpoint, the labels."""
@@ -173,6 +165,12 @@ class EndpointPair(NamedTuple):
     target: torch.Tensor
     y: torch.Tensor
     k: torch.Tensor
+
+
+def uniform_indices(count: int, high: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """``count`` integers uniform in ``0..high-1``, from float64 uniforms of ``generator``."""
+    draws = rand((count,), generator, dtype=torch.float64, device=device)
+    return torch.clamp((draws * high).long(), max=high - 1)
 
 
 def pool_size(batch: int, refresh: int, student_steps: int, reuse: float) -> int:
@@ -226,11 +224,8 @@ class TrajectoryPool:
         seed = derive_seed(self.settings.seed, "pool", self.stage.index, self.index)
         generator = torch.Generator(device=device).manual_seed(seed)
         prior = self.path.prior((size, *shape), generator=generator, device=device, dtype=dtype)
-        if self.num_classes:
-            draws = rand((size,), generator, dtype=torch.float64, device=device) * self.num_classes
-            labels = torch.clamp(draws.long(), max=self.num_classes - 1)
-        else:
-            labels = torch.zeros(size, dtype=torch.long, device=device)
+        labels = (uniform_indices(size, self.num_classes, generator, device) if self.num_classes
+                  else torch.zeros(size, dtype=torch.long, device=device))
         states = torch.empty((size, M + 1, *shape), dtype=dtype, device=device)
         grid = time_grid(M * N, self.path.T).to(device)
         for start in range(0, size, self.settings.chunk):
@@ -263,15 +258,7 @@ class EndpointObjective:
     def __init__(self, teacher: Teacher, path, stage: Stage, start_states: str = "data",
                  history: Sequence[dict[str, Any]] = (), *, target: str = "ab2-restart", loss: str = "endpoint",
                  pool: PoolSettings | None = None) -> None:
-        if start_states not in START_STATES:
-            raise DistillKacError(f"--start-states: must be one of {', '.join(START_STATES)}, got {start_states!r}")
-        if target not in STAGE1_TARGETS:
-            raise DistillKacError(f"--target: must be one of {', '.join(STAGE1_TARGETS)}, got {target!r}")
-        if target == "ab2-carried" and start_states == "data":
-            raise DistillKacError("--target: ab2-carried reads the teacher's roll-outs; use it with --start-states "
-                                  "rollout or mix")
-        if loss not in LOSS_FORMS:
-            raise DistillKacError(f"--loss: must be one of {', '.join(LOSS_FORMS)}, got {loss!r}")
+        DistillConfig(start_states=start_states, target=target, loss=loss).validate()
         if stage.teacher_steps != teacher.steps:
             raise DistillKacError(f"stage {stage.index}: its teacher takes {teacher.steps} steps, "
                                   f"the plan says {stage.teacher_steps}")
@@ -282,11 +269,6 @@ class EndpointObjective:
         self.pool = None if start_states == "data" else TrajectoryPool(
             teacher, path, stage, self.num_classes, pool or PoolSettings(size=64, refresh=20, seed=0))
         self._teacher_device: torch.device | None = None
-
-    def _teacher_on(self, device: torch.device) -> None:
-        if self._teacher_device != device:
-            self.teacher.model.to(device)
-            self._teacher_device = device
 
     def prepare_step(self, step: int) -> None:
         """Called by the training loop before optimiser step ``step`` (0-based)."""
@@ -307,10 +289,12 @@ class EndpointObjective:
         segment of the teacher's grid: times ``k_b·N .. (k_b + 1)·N`` of its M·N steps). Draw order: ``k``;
         then (mix) which rows are pooled; then (pool) the roll-out of each pooled row; then (data) the
         path's noise."""
-        self._teacher_on(x0.device)
+        if self._teacher_device != x0.device:
+            self.teacher.model.to(x0.device)
+            self._teacher_device = x0.device
         batch, M, N = x0.shape[0], self.stage.student_steps, self.stage.segment
         y = torch.zeros_like(y) if self.num_classes == 0 else y
-        k = torch.clamp((rand((batch,), generator, dtype=torch.float64, device=x0.device) * M).long(), max=M - 1)
+        k = uniform_indices(batch, M, generator, x0.device)
         segments = k[:, None] * N + torch.arange(N + 1, device=x0.device)
         grid = time_grid(M * N, self.path.T).to(x0.device)[segments]
         t_start, t_end = grid[:, 0].to(x0.dtype), grid[:, -1].to(x0.dtype)
@@ -318,8 +302,7 @@ class EndpointObjective:
         x_start, target = torch.empty_like(x0), torch.empty_like(x0)
         if pooled.any():
             self.pool.ensure(x0.shape[1:], x0.device, x0.dtype)
-            draws = rand((int(pooled.sum()),), generator, dtype=torch.float64, device=x0.device)
-            rows = torch.clamp((draws * self.pool.settings.size).long(), max=self.pool.settings.size - 1)
+            rows = uniform_indices(int(pooled.sum()), self.pool.settings.size, generator, x0.device)
             x_start[pooled] = self.pool.states[rows, k[pooled]]
             target[pooled] = self.pool.states[rows, k[pooled] + 1]
             y = y.clone()
@@ -328,29 +311,23 @@ class EndpointObjective:
             x_start[~pooled] = self.path.sample(x0, t_start, generator=generator).x_t[~pooled]
         solved = ~pooled if self._carried_target_is_requested() else torch.ones_like(pooled)
         if solved.any():
-            target[solved] = solve(self._teacher_fn(y[solved]), x_start[solved], grid[solved],
+            labels = y[solved]
+            target[solved] = solve(lambda x, t: self.teacher.velocity(x, t, labels), x_start[solved], grid[solved],
                                    method=self._segment_solver()).x
         return EndpointPair(x_start, t_start, t_end, target, y, k)
 
     def _pooled_rows(self, batch: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
-        if self.start_states == "data":
-            return torch.zeros(batch, dtype=torch.bool, device=device)
-        if self.start_states == "rollout":
-            return torch.ones(batch, dtype=torch.bool, device=device)
+        if self.start_states != "mix":
+            return torch.full((batch,), self.start_states == "rollout", dtype=torch.bool, device=device)
         return rand((batch,), generator, dtype=torch.float64, device=device) < 0.5
-
-    def _teacher_fn(self, y: torch.Tensor) -> VelocityFn:
-        return lambda x, t: self.teacher.velocity(x, t, y)
 
     def per_sample_loss(self, model: nn.Module, x0: torch.Tensor, y: torch.Tensor,
                         generator: torch.Generator) -> torch.Tensor:
         pair = self.endpoint_pair(x0, y, generator)
-        delta = per_row(pair.t_start.double() - pair.t_end.double(), pair.x_start)
-        prediction = pair.x_start - delta * model(pair.x_start, pair.t_start, pair.y)
+        delta = pair.t_start.double() - pair.t_end.double()
+        prediction = pair.x_start - per_row(delta, pair.x_start) * model(pair.x_start, pair.t_start, pair.y)
         loss = (prediction.float() - pair.target.float()).square().flatten(1).mean(dim=1)
-        if self.loss == "velocity":
-            loss = loss / (pair.t_start.double() - pair.t_end.double()).square().to(loss.dtype)
-        return loss
+        return loss / delta.square().to(loss.dtype) if self.loss == "velocity" else loss
 
     def stage_record(self) -> dict[str, Any]:
         return {"steps": self.stage.student_steps, "teacher_steps": self.teacher.steps,

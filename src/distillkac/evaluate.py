@@ -36,11 +36,10 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +48,9 @@ from torch import nn
 from tqdm import tqdm
 
 from distillkac import preemption
-from distillkac.checkpoint import Artifact, load_artifact, read_artifact_meta
+from distillkac.checkpoint import Artifact, Sampling, load_artifact, read_artifact_meta
 from distillkac.errors import DistillKacError
+from distillkac.fields import is_int, is_number, require
 from distillkac.files import RunLock, atomic_write_json, check_output_dir, sha256_bytes
 from distillkac.metrics.context import METRICS, PRIMARY_VALUE, MetricContext
 from distillkac.nfe_table import append_result, read_results, row_key
@@ -70,15 +70,8 @@ SIDE_FILE_PREFIX = ".partial-"
 
 # ------------------------------------------------------------------------------------------- settings
 
-@dataclass(frozen=True)
-class Setting:
-    """One way of sampling a model: solver steps, solver, guidance weight."""
-
-    steps: int
-    solver: str
-    guidance: float
-    baked: bool = False
-    """True for a student: its guidance is in its weights (one forward per evaluation)."""
+class Setting(Sampling):
+    """A way of sampling a model with its NFE accounting (a student's guidance is baked in: one forward)."""
 
     @property
     def evaluations(self) -> int:
@@ -87,8 +80,8 @@ class Setting:
 
     @property
     def nfe(self) -> int:
-        """Network evaluations per sample: evaluations, twice over when guided by batched CFG."""
-        return self.evaluations * (2 if self.guidance != 0 and not self.baked else 1)
+        """Network evaluations per sample: evaluations, twice over when the network runs guided (batched CFG)."""
+        return self.evaluations * (2 if self.forward_guidance != 0 else 1)
 
     def same_sampling(self, other: Setting) -> bool:
         return (self.steps, self.solver, self.guidance) == (other.steps, other.solver, other.guidance)
@@ -112,7 +105,7 @@ def plan_settings(meta: dict[str, Any], steps: Sequence[int], solvers: Sequence[
     requested = [Setting(s, solver, float(w)) for s in steps for solver in solvers for w in guidances]
     baked = Artifact(meta).baked_sampling()
     if baked is not None:
-        own = Setting(baked.steps, baked.solver, baked.guidance, baked=True)
+        own = Setting(**asdict(baked))
         reason = (f"distilled student: evaluated only at its own {own.steps} steps with Euler and its "
                   f"baked-in guidance w={own.guidance:g}")
         return [own], [(setting, reason) for setting in requested if not setting.same_sampling(own)]
@@ -148,9 +141,8 @@ def block_seed(seed: int, num: int, block: int) -> int:
 
 
 def row_side_file(out: str | os.PathLike, record: dict[str, Any], group: ProcessGroup, block: int = 0) -> SideFile:
-    """The side file of this process's part of block ``block`` of the row ``record``: its part so far and how
-    many images of its shard are done, with the row key and block, num, seed, rank and world size it
-    belongs to."""
+    """This process's side file of block ``block`` of the row ``record`` (identified by the row key and block,
+    num, seed, rank and world size)."""
     key, num = _block_key(record, block), int(record["num"])
     identity = {"key": key, "num": num, "seed": block_seed(int(record["seed"]), num, block), "rank": group.rank,
                 "world_size": group.world_size}
@@ -260,26 +252,21 @@ def _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_
         raise DistillKacError("--checkpoint: give at least one model artefact")
     if metric not in METRICS:
         raise DistillKacError(f"--metric: unknown metric {metric!r}; choose one of {', '.join(METRICS)}")
-    if not steps or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in steps):
+    if not steps or not all(is_int(s) and s >= 1 for s in steps):
         raise DistillKacError(f"--steps: need positive integers, got {list(steps)}")
     unknown = [s for s in solvers if s not in SOLVERS]
     if not solvers or unknown:
         raise DistillKacError(f"--solver: unknown solver {unknown[0] if unknown else None!r}; choose from "
                               f"{', '.join(SOLVERS)}")
-    if not guidances or any(isinstance(w, bool) or not isinstance(w, int | float) or not math.isfinite(w)
-                            for w in guidances):
+    if not guidances or not all(is_number(w) for w in guidances):
         raise DistillKacError(f"--guidance: need finite numbers, got {list(guidances)}")
     minimum = 2 if metric != "toy2d" else 1
-    if isinstance(num, bool) or not isinstance(num, int) or num < minimum:
-        raise DistillKacError(f"--num: the {metric} metric needs at least {minimum} samples, got {num}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise DistillKacError(f"--batch: must be a positive integer, got {batch_size}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise DistillKacError(f"--seed: must be an integer >= 0, got {seed}")
-    if isinstance(save_every, bool) or not isinstance(save_every, int) or save_every < 1:
-        raise DistillKacError(f"--save-every: must be a positive number of batches, got {save_every}")
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
-        raise DistillKacError(f"--blocks: must be a positive number of seed blocks, got {blocks}")
+    for flag, value, least, need in (("--num", num, minimum, f"the {metric} metric needs at least {minimum} samples"),
+                                     ("--batch", batch_size, 1, "must be a positive integer"),
+                                     ("--seed", seed, 0, "must be an integer >= 0"),
+                                     ("--save-every", save_every, 1, "must be a positive number of batches"),
+                                     ("--blocks", blocks, 1, "must be a positive number of seed blocks")):
+        require(is_int(value) and value >= least, flag, need, value)
     if precision not in PRECISIONS:
         raise DistillKacError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
@@ -298,15 +285,12 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], steps: Sequence[int], sol
              group: ProcessGroup | None = None, save_every: int = DEFAULT_SAVE_EVERY, blocks: int = 1,
              precision: str = DEFAULT_PRECISION) -> list[dict[str, Any]]:
     """Evaluate every model at every planned setting on ``blocks`` seed blocks of ``num`` images; return one
-    row per setting plus skip entries.
+    row per setting, plus an entry with a ``"skipped"`` reason (never written to the file) per requested
+    setting a model cannot use.
 
-    Rows already in ``out/results.jsonl`` (same model sha256, steps, solver, guidance, metric, num,
-    seed, blocks, precision and reference statistics) are not recomputed: they come back from the file,
-    marked ``"resumed": True``; new rows are appended there as soon as each is done (rank 0). A row being
-    computed is saved every ``save_every`` batches to side files in ``out`` (one per rank and block), from
-    which a rerun continues it. Requested settings a model cannot use come back as entries with a
-    ``"skipped"`` reason (never written to the file). Every input problem is found before any sample is
-    drawn.
+    Rows already in ``out/results.jsonl`` (the same ``row_key``) are not recomputed: they come back from the
+    file, marked ``"resumed": True``; new rows are appended as each is done (rank 0), and a row being computed
+    continues from its side files (see the module). Every input problem is found before any sample is drawn.
     """
     _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_size, seed, save_every, blocks,
                      precision)
@@ -367,8 +351,7 @@ def _row_base(name: str, checkpoint, meta: dict[str, Any], setting: Setting, pro
     return row
 
 
-def _skip_entry(name: str, meta: dict[str, Any], setting: Setting, metric: str,
-                reason: str) -> dict[str, Any]:
+def _skip_entry(name: str, meta: dict[str, Any], setting: Setting, metric: str, reason: str) -> dict[str, Any]:
     return {"model": name, "kind": meta.get("kind"), "model_sha256": meta["weights_sha256"],
             "steps": setting.steps, "solver": setting.solver, "guidance": setting.guidance, "metric": metric,
             "skipped": reason}

@@ -1,11 +1,29 @@
-"""Config dataclasses from their JSON dicts (the inverse of ``dataclasses.asdict``)."""
+"""Config dataclasses from their JSON dicts (the inverse of ``dataclasses.asdict``), and the checks their
+``validate`` methods share."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 from distillkac.errors import DistillKacError
+
+
+def is_int(value: Any) -> bool:
+    """An int that is not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> bool:
+    """A finite int or float that is not a bool."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def require(ok: bool, name: str, rule: str, value: Any) -> None:
+    """Unless ``ok``, raise the one-line DistillKacError ``"{name}: {rule}, got {value!r}"``."""
+    if not ok:
+        raise DistillKacError(f"{name}: {rule}, got {value!r}")
 
 
 def dataclass_from_dict(cls: type, values: Any, name: str) -> Any:

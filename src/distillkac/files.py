@@ -8,6 +8,7 @@ directory is replaced the same way (a staging sibling, the old one moved aside a
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -25,8 +26,6 @@ from distillkac.errors import DistillKacError
 
 LOCK_FILE = ".lock"
 
-
-# ----------------------------------------------------------------------------------- atomic writes
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temporary file in the same directory, fsync, rename."""
@@ -61,12 +60,8 @@ def atomic_write_torch(path: str | os.PathLike, obj: Any) -> None:
 
 
 def atomic_replace_dir(directory: str | os.PathLike, fill: Callable[[Path], None]) -> None:
-    """Replace ``directory`` by what ``fill(staging)`` writes into a temporary sibling directory.
-
-    An existing ``directory`` is moved aside first and deleted only once the new one is in place, so a
-    crash leaves either the old or the new directory (plus temporaries that
-    :func:`remove_stale_temporaries` removes).
-    """
+    """Replace ``directory`` by what ``fill(staging)`` writes into a temporary sibling directory; an existing one
+    is moved aside first and deleted only once the new one is in place, so a crash leaves the old or the new."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=directory.parent))
@@ -116,19 +111,13 @@ def _umask() -> int:
 
 def _fsync_directory(directory: Path) -> None:
     """Make a rename durable; directories cannot be opened for fsync on some systems (then skip)."""
-    try:
+    with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
-
-# ------------------------------------------------------------------------------------------ hashes
 
 def sha256_bytes(data: bytes) -> str:
     """The hex sha256 of ``data``."""
@@ -143,8 +132,6 @@ def sha256_file(path: str | os.PathLike) -> str:
             digest.update(chunk)
     return digest.hexdigest()
 
-
-# ------------------------------------------------------------------------------- output directories
 
 def check_output_dir(path: str | os.PathLike, option: str) -> Path:
     """Refuse (one line, naming ``option``) a directory that cannot be created or written: ``path`` is
@@ -200,8 +187,6 @@ def read_json_object(path: str | os.PathLike) -> dict[str, Any] | None:
     return value if isinstance(value, dict) else None
 
 
-# -------------------------------------------------------------------------------------------- lock
-
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -232,7 +217,10 @@ class RunLock:
                 return self
             if not self._remove_if_stale():
                 break
-        raise DistillKacError(f"run directory: {self.path.parent} is in use ({self._describe_holder()}); "
+        holder = read_json_object(self.path)
+        who = ("lock file unreadable" if holder is None
+               else f"locked by pid {holder.get('pid')} on {holder.get('hostname')}")
+        raise DistillKacError(f"run directory: {self.path.parent} is in use ({who}); "
                               f"wait for it or delete {self.path} if that process is gone")
 
     def __exit__(self, *exc: object) -> None:
@@ -257,21 +245,8 @@ class RunLock:
             Path(temp).unlink(missing_ok=True)
         return True
 
-    def _holder(self) -> dict[str, Any] | None:
-        try:
-            holder = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            return None
-        return holder if isinstance(holder, dict) else None
-
-    def _describe_holder(self) -> str:
-        holder = self._holder()
-        if holder is None:
-            return "lock file unreadable"
-        return f"locked by pid {holder.get('pid')} on {holder.get('hostname')}"
-
     def _remove_if_stale(self) -> bool:
-        holder = self._holder()
+        holder = read_json_object(self.path)
         if holder is None or holder.get("hostname") != socket.gethostname():
             return False
         pid = holder.get("pid")

@@ -38,16 +38,11 @@ def run_jobs(jobs: Sequence[Job], workers: int = 1, threads: int | None = None) 
         with torch_threads(threads):
             return _run_in_order(jobs)
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker, initargs=(threads,))
+                               initializer=None if threads is None else torch.set_num_threads, initargs=(threads,))
     try:
         return _run_in_pool(pool, jobs, workers)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _init_worker(threads: int | None) -> None:
-    if threads is not None:
-        torch.set_num_threads(threads)
 
 
 def _run_in_order(jobs: Sequence[Job]) -> dict[str, Any]:

@@ -1,13 +1,5 @@
-"""A trained model from Python in one line (``distillkac.load``)::
-
-    import distillkac
-    model = distillkac.load("RUN2/stage-1step")         # a run, stage or artefact directory
-    images = model.sample(labels=[3, 3, 7], seed=0)     # uint8 tensor [3, C, H, W]
-
-``sample`` draws exactly what ``distillkac sample`` writes for the same seeds and labels: image i uses seed
-``seed + i``; a student samples as it was distilled, a teacher with the settings given (default: 100 AB-2
-steps, no guidance).
-"""
+"""A trained model from Python in one line (``distillkac.load``, with the example in the package docstring):
+:meth:`Model.sample` draws exactly what ``distillkac sample`` writes for the same seeds and labels."""
 
 from __future__ import annotations
 

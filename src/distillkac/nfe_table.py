@@ -5,6 +5,7 @@ bars); and the pairing of two rows' seed blocks that every comparison uses."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -26,10 +27,12 @@ PLOT_FILE = "metric_vs_nfe.png"
 def row_key(row: dict[str, Any]) -> tuple:
     """What makes two rows the same evaluation: model, steps, solver, guidance, metric, num, seed, reference,
     seed blocks and precision (rows written before blocks existed have one block and no precision)."""
-    reference = row.get("reference") or {}
     return (row["model_sha256"], int(row["steps"]), row["solver"], float(row["guidance"]), row["metric"],
-            int(row["num"]), int(row["seed"]), reference.get("stats_sha256"), int(row.get("blocks", 1)),
-            row.get("precision"))
+            int(row["num"]), int(row["seed"]), _reference_sha(row), int(row.get("blocks", 1)), row.get("precision"))
+
+
+def _reference_sha(row: dict[str, Any]) -> str | None:
+    return (row.get("reference") or {}).get("stats_sha256")
 
 
 def read_results(out: str | os.PathLike) -> list[dict[str, Any]]:
@@ -37,8 +40,7 @@ def read_results(out: str | os.PathLike) -> list[dict[str, Any]]:
     file = Path(out) / RESULTS_FILE
     if not file.is_file():
         return []
-    text = file.read_text(encoding="utf-8")
-    lines = text.split("\n")
+    lines = file.read_text(encoding="utf-8").split("\n")
     rows = []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
@@ -46,10 +48,9 @@ def read_results(out: str | os.PathLike) -> list[dict[str, Any]]:
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError as err:
-            if number == len(lines):  # the last line without a newline: an interrupted append
-                continue
-            raise DistillKacError(f"--out: {file} line {number} is not JSON ({err.msg}); fix or remove "
-                                  f"that line") from err
+            if number < len(lines):  # (a torn last line, without a newline, is an interrupted append)
+                raise DistillKacError(f"--out: {file} line {number} is not JSON ({err.msg}); fix or remove "
+                                      f"that line") from err
     return rows
 
 
@@ -69,7 +70,6 @@ def append_result(out: str | os.PathLike, row: dict[str, Any]) -> None:
         os.fsync(handle.fileno())
 
 
-
 # ------------------------------------------------------------------------------ blocks and pairing
 
 def block_values(row: dict[str, Any], key: str | None = None) -> list[float]:
@@ -84,17 +84,15 @@ def row_interval(row: dict[str, Any], key: str | None = None) -> Interval:
     return mean_interval(block_values(row, key))
 
 
-def same_blocks(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    """True when two rows were evaluated on the same seed blocks (same seeds, labels, metric, reference)."""
-    return (all(a.get(name) == b.get(name) for name in ("metric", "num", "seed"))
-            and int(a.get("blocks", 1)) == int(b.get("blocks", 1))
-            and (a.get("reference") or {}).get("stats_sha256") == (b.get("reference") or {}).get("stats_sha256"))
+def seed_blocks(row: dict[str, Any]) -> tuple:
+    """What two rows share when evaluated on the same seed blocks (same seeds, labels, metric, reference)."""
+    return row.get("metric"), row.get("num"), row.get("seed"), int(row.get("blocks", 1)), _reference_sha(row)
 
 
 def paired_rows(a: dict[str, Any], b: dict[str, Any], key: str | None = None, factor: float = 1.0) -> Interval:
     """The paired difference ``a - factor · b`` of two rows' ``key`` (default: the tabulated value), block by
     block (``distillkac.stats.paired_difference``)."""
-    if not same_blocks(a, b):
+    if seed_blocks(a) != seed_blocks(b):
         raise DistillKacError(f"rows {a['model']} and {b['model']}: not evaluated on the same seed blocks "
                               f"(metric, num, seed, blocks and reference must agree); they cannot be paired")
     return paired_difference(block_values(a, key), block_values(b, key), factor)
@@ -163,13 +161,8 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
             skipped.setdefault((row["model"], row["skipped"]), []).append(combo)
     for (model, reason), combos in skipped.items():
         notes.append(f"Skipped for {model} ({reason}): {', '.join(combos)}.")
-    text = "\n".join(lines) + "\n"
-    comparisons = render_comparisons(results)
-    if comparisons:
-        text += "\n" + comparisons
-    if notes:
-        text += "\n" + "\n\n".join(notes) + "\n"
-    return text
+    parts = ["\n".join(lines) + "\n", render_comparisons(results), "\n\n".join(notes) + "\n" if notes else ""]
+    return "\n".join(part for part in parts if part)
 
 
 def _setting(row: dict[str, Any]) -> str:
@@ -183,18 +176,14 @@ def render_comparisons(results: Sequence[dict[str, Any]]) -> str:
     groups: dict[tuple, list[dict[str, Any]]] = {}
     for row in results:
         if int(row.get("blocks", 1)) > 1:
-            reference = (row.get("reference") or {}).get("stats_sha256")
-            key = (row["label"], row["num"], row["seed"], row["blocks"], reference, row["nfe"])
-            groups.setdefault(key, []).append(row)
+            groups.setdefault((row["label"], row["nfe"], *seed_blocks(row)), []).append(row)
     lines = []
-    for (label, *_, nfe), group in groups.items():
-        group = sorted(group, key=lambda r: r["value"])
-        for position, better in enumerate(group):
-            for worse in group[position + 1:]:
-                difference = paired_rows(worse, better)
-                outcome = {HOLDS: "lower", FAILS: "higher"}.get(verdict(difference, "above"), NOT_RESOLVED)
-                lines.append(f"| {nfe} | {label} | {_setting(better)} | {_setting(worse)} | "
-                             f"{difference.describe(4, signed=True)} | {outcome} |")
+    for (label, nfe, *_), group in groups.items():
+        for better, worse in itertools.combinations(sorted(group, key=lambda r: r["value"]), 2):
+            difference = paired_rows(worse, better)
+            outcome = {HOLDS: "lower", FAILS: "higher"}.get(verdict(difference, "above"), NOT_RESOLVED)
+            lines.append(f"| {nfe} | {label} | {_setting(better)} | {_setting(worse)} | "
+                         f"{difference.describe(4, signed=True)} | {outcome} |")
     if not lines:
         return ""
     return "\n".join(["Paired differences at equal NFE (same seed blocks; worse minus better, 95% interval over "
@@ -209,13 +198,8 @@ def _series_names(results: Sequence[dict[str, Any]]) -> dict[int, str]:
     """Each row's line: one per model × solver × guidance; the students form one line, "DistillKac
     students" (one per baked-in guidance weight when they differ)."""
     weights = {row["guidance"] for row in results if row.get("kind") == Artifact.STUDENT}
-    names = {}
-    for row in results:
-        if row.get("kind") != Artifact.STUDENT:
-            names[id(row)] = f"{row['model']} {row['solver']} w={row['guidance']:g}"
-        else:
-            names[id(row)] = "DistillKac students" + (f" (w={row['guidance']:g})" if len(weights) > 1 else "")
-    return names
+    return {id(row): f"{row['model']} {row['solver']} w={row['guidance']:g}" if row.get("kind") != Artifact.STUDENT
+            else "DistillKac students" + (f" (w={row['guidance']:g})" if len(weights) > 1 else "") for row in results}
 
 
 def plot_metric_vs_nfe(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:
@@ -234,12 +218,11 @@ def plot_metric_vs_nfe(rows: Sequence[dict[str, Any]], path: str | os.PathLike) 
         for row in results:
             if row["label"] == label:
                 half = row_interval(row).half_width
-                series.setdefault(names[id(row)], []).append((row["nfe"], row["value"],
-                                                              half if math.isfinite(half) else 0.0))
+                point = (row["nfe"], row["value"], half if math.isfinite(half) else 0.0)
+                series.setdefault(names[id(row)], []).append(point)
         for name, points in series.items():
-            points.sort()
-            axis.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points], marker="o",
-                          capsize=3, label=name)
+            nfes, values, halves = zip(*sorted(points))
+            axis.errorbar(nfes, values, yerr=halves, marker="o", capsize=3, label=name)
         axis.set_xscale("log")
         if all(value > 0 for points in series.values() for _, value, _ in points):
             axis.set_yscale("log")  # the few-step rows of the teachers are ten times worse than the rest

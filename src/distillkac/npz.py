@@ -55,11 +55,7 @@ def _reason(err: Exception) -> str:
     """Why numpy could not read an archive, in one line (never numpy's advice to load pickles)."""
     if "pickle" in str(err):
         return "it holds Python objects, which are never loaded"
-    return f"{type(err).__name__}: {_first_line(str(err))}"
-
-
-def _first_line(text: str) -> str:
-    return (text.strip().splitlines() or [""])[0]
+    return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
 
 
 def note(message: str) -> None:

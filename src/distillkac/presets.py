@@ -29,39 +29,36 @@ def _digits() -> RunConfig:
                           preview_num=100, preview_steps=100, preview_guidance=1.0))
 
 
+def _ddpm_recipe(name: str, data: DataConfig, lr: float, batch: int, micro_batch: int, steps: int,
+                 **train) -> RunConfig:
+    """The DDPM / ADM recipe around ``REFERENCE_CONFIGS[name]``: Adam at ``lr``, a 5000-step warm-up, clip 1.0,
+    EMA 0.9999 per step (as a half-life in images at ``batch``)."""
+    return RunConfig(
+        data=data, net=dataclasses.replace(REFERENCE_CONFIGS[name]), path=PathConfig(),
+        optim=OptimConfig(lr=lr, warmup_images=5000 * batch, grad_clip=1.0),
+        train=TrainConfig(steps=steps, batch=batch, micro_batch=micro_batch,
+                          ema_halflife_images=round(ema_halflife_for_decay(0.9999, batch)), ema_rampup=0.05, **train))
+
+
 def _cifar10() -> RunConfig:
     """The Kac-flow paper's CIFAR-10 recipe (method.md §5): ADM UNet, Adam 2e-4, batch 128, 400k steps,
     EMA 0.9999, clip 1.0, dropout 0.1, 5000-step warm-up (as in DDPM)."""
-    return RunConfig(
-        data=DataConfig(name="cifar10", hflip=True), net=dataclasses.replace(REFERENCE_CONFIGS["cifar10"]),
-        path=PathConfig(),
-        optim=OptimConfig(lr=2e-4, warmup_images=5000 * 128, grad_clip=1.0),
-        train=TrainConfig(steps=400_000, batch=128, micro_batch=32,
-                          ema_halflife_images=round(ema_halflife_for_decay(0.9999, 128)), ema_rampup=0.05,
-                          preview_num=100, preview_guidance=1.0))
+    return _ddpm_recipe("cifar10", DataConfig(name="cifar10", hflip=True), 2e-4, 128, 32, 400_000,
+                        preview_num=100, preview_guidance=1.0)
 
 
 def _celeba64() -> RunConfig:
     """CelebA 64x64 (unconditional), an image folder or zip given with --data."""
-    return RunConfig(
-        data=DataConfig(name="folder", resolution=64, channels=3, hflip=True, labels="none"),
-        net=dataclasses.replace(REFERENCE_CONFIGS["celeba64"]), path=PathConfig(),
-        optim=OptimConfig(lr=2e-4, warmup_images=5000 * 128, grad_clip=1.0),
-        train=TrainConfig(steps=400_000, batch=128, micro_batch=32,
-                          ema_halflife_images=round(ema_halflife_for_decay(0.9999, 128)), ema_rampup=0.05,
-                          preview_guidance=0.0))
+    return _ddpm_recipe("celeba64", DataConfig(name="folder", resolution=64, channels=3, hflip=True, labels="none"),
+                        2e-4, 128, 32, 400_000, preview_guidance=0.0)
 
 
 def _lsun_bedroom256() -> RunConfig:
     """LSUN Bedroom 256x256 (unconditional; pre-resize the export): DDPM's LSUN settings, lr 2e-5,
     batch 64, EMA 0.9999."""
-    return RunConfig(
-        data=DataConfig(name="folder", resolution=256, channels=3, hflip=True, labels="none"),
-        net=dataclasses.replace(REFERENCE_CONFIGS["lsun-bedroom256"]), path=PathConfig(),
-        optim=OptimConfig(lr=2e-5, warmup_images=5000 * 64, grad_clip=1.0),
-        train=TrainConfig(steps=500_000, batch=64, micro_batch=8,
-                          ema_halflife_images=round(ema_halflife_for_decay(0.9999, 64)), ema_rampup=0.05,
-                          ckpt_every=5000, sample_every=10_000, preview_guidance=0.0))
+    data = DataConfig(name="folder", resolution=256, channels=3, hflip=True, labels="none")
+    return _ddpm_recipe("lsun-bedroom256", data, 2e-5, 64, 8, 500_000, ckpt_every=5000, sample_every=10_000,
+                        preview_guidance=0.0)
 
 
 def _toy2d() -> RunConfig:
@@ -75,19 +72,16 @@ def _toy2d() -> RunConfig:
                           preview_guidance=0.0))
 
 
-_PRESET_BUILDERS = {"digits": _digits, "cifar10": _cifar10, "celeba64": _celeba64,
-                    "lsun-bedroom256": _lsun_bedroom256, "toy2d": _toy2d}
-
-PRESETS: dict[str, RunConfig] = {name: build() for name, build in _PRESET_BUILDERS.items()}
+PRESETS: dict[str, RunConfig] = {"digits": _digits(), "cifar10": _cifar10(), "celeba64": _celeba64(),
+                                  "lsun-bedroom256": _lsun_bedroom256(), "toy2d": _toy2d()}
 """Preset name -> RunConfig (use :func:`get_preset` for a private copy)."""
 
 
 def get_preset(name: str) -> RunConfig:
-    """A fresh copy of preset ``name`` (editing it leaves ``PRESETS`` alone)."""
-    if name not in _PRESET_BUILDERS:
-        raise DistillKacError(f"--preset: unknown preset {name!r}; "
-                              f"choose one of {', '.join(_PRESET_BUILDERS)}")
-    return _PRESET_BUILDERS[name]()
+    """A private copy of preset ``name`` (editing it leaves ``PRESETS`` alone)."""
+    if name not in PRESETS:
+        raise DistillKacError(f"--preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
 
 
 # -------------------------------------------------------------------------------------- own images
@@ -159,8 +153,7 @@ def hyperparameter_table() -> str:
     header = ("| preset | data | network | params | path (a, c, T) | batch (micro) | lr | warm-up images "
               "| steps | EMA half-life (images) | label dropout | grad clip |")
     rows = [header, "|" + "---|" * 12]
-    for name in _PRESET_BUILDERS:
-        cfg = get_preset(name)
+    for name, cfg in PRESETS.items():
         is_image = isinstance(cfg.net, UNetConfig)
         shape = f"{cfg.net.image_channels}x{cfg.net.resolution}²" if is_image else "2-D"
         path = f"{cfg.path.kind} ({cfg.path.kac_a:g}, {cfg.path.kac_c:g}, {cfg.path.T:g})"

@@ -70,12 +70,6 @@ TARGETS = {
 }
 
 
-def get_target(name: str) -> Target:
-    if name not in TARGETS:
-        raise DistillKacError(f"dataset: unknown dataset {name!r}; choose one of {', '.join(TARGETS)}")
-    return TARGETS[name]
-
-
 @dataclass
 class Throughput:
     """Images per second per phase and where each value comes from."""
@@ -183,7 +177,9 @@ class Plan:
 def build_plan(dataset: str, data: str, outdir: str | os.PathLike, inception_weights: str | None,
                num: int = FID_NUM) -> Plan:
     """Every step of the paper-scale plan for ``dataset`` (nothing is created)."""
-    target = get_target(dataset)
+    if dataset not in TARGETS:
+        raise DistillKacError(f"dataset: unknown dataset {dataset!r}; choose one of {', '.join(TARGETS)}")
+    target = TARGETS[dataset]
     teacher_config, settings = get_preset(target.preset), get_distill_preset(target.preset)
     out = Path(outdir)
     teacher_dir, distill_dir, eval_dir = out / "teacher", out / "distill", out / EVAL_DIR

@@ -42,11 +42,16 @@ def check_resume_config(stored: dict[str, Any], config: RunConfig, state_path: P
     warmups = (stored.get("optim", {}).get("warmup_images"), config.optim.warmup_images)
     if all(isinstance(w, int) and w <= images_done for w in warmups):
         allowed.add("optim.warmup_images")
+    check_unchanged(stored, config, allowed, f"resume: {state_path} was trained with")
+
+
+def check_unchanged(stored: dict[str, Any], config: RunConfig, allowed: set[str], what: str) -> None:
+    """Refuse (``what`` starts the message) the first setting of ``config`` that differs from ``stored``
+    outside the dotted names ``allowed``."""
     difference = first_difference(stored, config.to_dict(), allowed)
     if difference is not None:
         name, old, new = difference
-        raise DistillKacError(f"resume: {state_path} was trained with {name} = {old!r}, now {new!r}; "
-                              f"use the same settings or another --outdir")
+        raise DistillKacError(f"{what} {name} = {old!r}, now {new!r}; use the same settings or another --outdir")
 
 
 class Checkpointing:
@@ -106,10 +111,7 @@ class Checkpointing:
         return meta.get("train_step") == self.step
 
     def save(self) -> None:
-        """Training state, then the artefact (EMA weights), each atomically; main process only.
-
-        In that order the artefact is never newer than the state, and ``resume`` can always rebuild it.
-        """
+        """Training state, then the artefact (EMA weights), each atomically; main process only."""
         if self.dist.is_main:
             state = {"format": STATE_FORMAT, "version": 1, "step": self.step,
                      "nonfinite_skipped": self.skipped, "config": self.config.to_dict(),

@@ -187,15 +187,6 @@ def fresh_generator(device="cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(int.from_bytes(os.urandom(8), "little") >> 1)
 
 
-def _per_row(draw: Callable[[tuple[int, ...], torch.Generator], torch.Tensor],
-             shape: tuple[int, ...], generator: GeneratorLike) -> torch.Tensor:
-    if isinstance(generator, torch.Generator):
-        return draw(shape, generator)
-    if len(generator) != shape[0]:
-        raise ValueError(f"generator: got {len(generator)} generators for a batch of {shape[0]} rows")
-    return torch.cat([draw((1, *shape[1:]), g) for g in generator])
-
-
 def _device_of(generator: GeneratorLike, device: torch.device | str | None) -> torch.device:
     if device is not None:
         return torch.device(device)
@@ -206,22 +197,30 @@ def _device_of(generator: GeneratorLike, device: torch.device | str | None) -> t
     return torch.device("cpu")
 
 
+def _draw(torch_draw: Callable[..., torch.Tensor], stream_draw: Callable[..., torch.Tensor], shape,
+          generator: GeneratorLike, dtype, device) -> torch.Tensor:
+    """``stream_draw`` from a SeedStream, else ``torch_draw`` (torch.rand or torch.randn) from one generator
+    for the batch or one per row."""
+    dev = _device_of(generator, device)
+    shape = tuple(shape)
+    if isinstance(generator, SeedStream):
+        return stream_draw(generator, shape, dtype, dev)
+    generator = fresh_generator(dev) if generator is None else generator
+    if isinstance(generator, torch.Generator):
+        return torch_draw(shape, generator=generator, dtype=dtype, device=dev)
+    if len(generator) != shape[0]:
+        raise ValueError(f"generator: got {len(generator)} generators for a batch of {shape[0]} rows")
+    return torch.cat([torch_draw((1, *shape[1:]), generator=g, dtype=dtype, device=dev) for g in generator])
+
+
 def rand(shape, generator: GeneratorLike = None, dtype=torch.float32, device=None) -> torch.Tensor:
     """Uniform draws on [0, 1) ((0, 1) from a SeedStream)."""
-    dev = _device_of(generator, device)
-    if isinstance(generator, SeedStream):
-        return generator.uniforms(tuple(shape), dtype, dev)
-    generator = fresh_generator(dev) if generator is None else generator
-    return _per_row(lambda s, g: torch.rand(s, generator=g, dtype=dtype, device=dev), tuple(shape), generator)
+    return _draw(torch.rand, SeedStream.uniforms, shape, generator, dtype, device)
 
 
 def randn(shape, generator: GeneratorLike = None, dtype=torch.float32, device=None) -> torch.Tensor:
     """Standard normal draws."""
-    dev = _device_of(generator, device)
-    if isinstance(generator, SeedStream):
-        return generator.normals(tuple(shape), dtype, dev)
-    generator = fresh_generator(dev) if generator is None else generator
-    return _per_row(lambda s, g: torch.randn(s, generator=g, dtype=dtype, device=dev), tuple(shape), generator)
+    return _draw(torch.randn, SeedStream.normals, shape, generator, dtype, device)
 
 
 def _elementwise(op, param: torch.Tensor, generator: GeneratorLike) -> torch.Tensor:

@@ -90,11 +90,8 @@ def generate(model: nn.Module, path, *, seeds: Sequence[int], labels: torch.Tens
             y = labels[start:start + batch_size].to(device)
             x = path.prior((len(batch_seeds), *shape), generator=seeded_generators(batch_seeds, device),
                            device=device, dtype=torch.float32)
-
-            def velocity(state: torch.Tensor, t: torch.Tensor, y: torch.Tensor = y) -> torch.Tensor:
-                return guided_velocity(model, state, t, y, weight).float()
-
-            result = solve(velocity, x, times, method=solver, path=path, on_step=on_step)
+            result = solve(lambda state, t, y=y: guided_velocity(model, state, t, y, weight).float(), x, times,
+                           method=solver, path=path, on_step=on_step)
             evaluations = result.evaluations
             chunks.append(result.x.float().cpu())
     nfe = evaluations * (2 if weight != 0 else 1)
@@ -133,12 +130,8 @@ def sample_artifact(artifact: str | os.PathLike | tuple[nn.Module, dict], *, see
                     guidance: float | None = None, grid: str | None = None, batch_size: int = 256,
                     device: str | torch.device = "cpu", precision: str = "auto", on_step: Callable | None = None,
                     progress: bool = False) -> SampleResult:
-    """Sample a saved model (a directory, a run directory, or ``(model, meta)`` from load_artifact).
-
-    The settings are resolved by :meth:`Artifact.sampling`: a student samples only as it was distilled
-    (asking for anything else is an error); a teacher or baseline uses ``steps`` (default 100), ``solver``
-    (default AB-2), ``guidance`` (default 0) and ``grid`` (default uniform) as given.
-    """
+    """Sample a saved model (a directory, a run directory, or ``(model, meta)`` from load_artifact) with the
+    settings :meth:`Artifact.sampling` resolves (a student samples only as it was distilled)."""
     if isinstance(artifact, tuple):
         model, meta = artifact
     else:
@@ -151,8 +144,6 @@ def sample_artifact(artifact: str | os.PathLike | tuple[nn.Module, dict], *, see
     result.meta = meta
     return result
 
-
-# ------------------------------------------------------------------------------------------- files
 
 def save_grid_png(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
                   scale: int | None = None) -> None:

@@ -23,7 +23,7 @@ import torch
 
 from distillkac import preemption
 from distillkac.checkpoint import Artifact, load_artifact, read_artifact_meta
-from distillkac.config import RESUMABLE_TRAIN_FIELDS, DistillConfig, RunConfig, first_difference
+from distillkac.config import RESUMABLE_TRAIN_FIELDS, DistillConfig, RunConfig
 from distillkac.data import DataConfig, load_dataset
 from distillkac.diagnostics import path_closeness, plot_closeness
 from distillkac.distill import (
@@ -44,6 +44,7 @@ from distillkac.nets import build_network, network_config_from_dict
 from distillkac.paths import PathConfig, build_path
 from distillkac.preemption import Preempted
 from distillkac.previews import teacher_preview
+from distillkac.resume import check_unchanged
 from distillkac.runlog import RunLog
 from distillkac.runtime import autocast, is_main_process, resolve_device
 from distillkac.sampling import cycle_labels
@@ -53,8 +54,6 @@ CLOSENESS_FILE = "closeness.json"
 CLOSENESS_PLOT = "closeness.png"
 SUMMARY_FILE = "distill.json"
 
-
-# --------------------------------------------------------------------------------- teacher sources
 
 @dataclass
 class TeacherSource:
@@ -80,15 +79,19 @@ def resolve_teacher(path: str | os.PathLike) -> TeacherSource:
         raise DistillKacError(f"--teacher: {path} is neither a run directory (with artifact/) nor a model "
                               f"artefact (config.json + model.safetensors)")
     meta = read_artifact_meta(artifact)
-    run_config = None
     config_file = run_dir / Artifact.RUN_CONFIG
-    if config_file.is_file() and config_file != artifact / Artifact.META:
-        try:
-            stored = json.loads(config_file.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise DistillKacError(f"--teacher: {config_file} is not valid JSON ({err})") from err
-        run_config = stored if isinstance(stored, dict) and "data" in stored else None
-    return TeacherSource(artifact, meta, run_config)
+    stored = _read_json(config_file, "--teacher") if config_file != artifact / Artifact.META else None
+    return TeacherSource(artifact, meta, stored if isinstance(stored, dict) and "data" in stored else None)
+
+
+def _read_json(path: Path, option: str) -> Any:
+    """The JSON in ``path`` (None when there is no such file); invalid JSON is refused naming ``option``."""
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        raise DistillKacError(f"{option}: {path} is not valid JSON ({err})") from err
 
 
 def resolve_data(source: TeacherSource, data: str | None) -> DataConfig:
@@ -102,8 +105,6 @@ def resolve_data(source: TeacherSource, data: str | None) -> DataConfig:
     config = DataConfig.from_dict(source.run_config["data"])
     return config if data is None else dataclasses.replace(config, path=data)
 
-
-# ------------------------------------------------------------------------------------- stage configs
 
 def stage_run_config(meta: dict[str, Any], data: DataConfig, stage: Stage, config: DistillConfig,
                      teacher: dict[str, Any] | None) -> RunConfig:
@@ -126,25 +127,14 @@ def stage_run_config(meta: dict[str, Any], data: DataConfig, stage: Stage, confi
                      optim=config.optim, train=train, distill=distill).validate()
 
 
-def _stored_distill(stage_dir: Path) -> dict[str, Any] | None:
-    config_file = stage_dir / Artifact.RUN_CONFIG
-    if not config_file.is_file():
-        return None
-    try:
-        stored = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as err:
-        raise DistillKacError(f"--outdir: {config_file} is not valid JSON ({err})") from err
-    distill = stored.get("distill") if isinstance(stored, dict) else None
-    return distill if isinstance(distill, dict) else None
-
-
 def check_stage_teacher(stage_dir: Path, record: dict[str, Any], what: str) -> None:
     """Refuse a teacher that is not the one an existing stage was distilled from (one line, naming the
     difference: Kac constants / path, data shape, class count, weights)."""
-    stored = _stored_distill(stage_dir)
-    if stored is None or not isinstance(stored.get("teacher"), dict):
+    stored = _read_json(stage_dir / Artifact.RUN_CONFIG, "--outdir")
+    distill = stored.get("distill") if isinstance(stored, dict) else None
+    if not isinstance(distill, dict) or not isinstance(distill.get("teacher"), dict):
         return
-    old, new = stored["teacher"], record
+    old, new = distill["teacher"], record
     differences = {
         "path": f"path {_describe_path(new['path'])} differs from the teacher of {stage_dir} "
                 f"({_describe_path(old.get('path'))})",
@@ -178,19 +168,13 @@ def check_finished_stage(stage_dir: Path, config: RunConfig) -> None:
     stored = json.loads((stage_dir / Artifact.RUN_CONFIG).read_text(encoding="utf-8"))
     stored.pop("environment", None)
     ignored = {f"train.{name}" for name in (*RESUMABLE_TRAIN_FIELDS, *SKIPPABLE_FIELDS)}
-    difference = first_difference(stored, config.to_dict(), ignored)
-    if difference is not None:
-        name, old, new = difference
-        raise DistillKacError(f"{stage_dir}: this finished stage was distilled with {name} = {old!r}, "
-                              f"now {new!r}; use the same settings or another --outdir")
+    check_unchanged(stored, config, ignored, f"{stage_dir}: this finished stage was distilled with")
 
 
 def stage_finished(stage_dir: Path, steps: int) -> bool:
     """The stage's artefact exists and was written at (or after) its last optimiser step."""
     return Artifact.trained_steps(stage_dir) >= steps
 
-
-# ------------------------------------------------------------------------------------- the runner
 
 @dataclass
 class StageOutcome:
@@ -244,8 +228,7 @@ class Distillation:
         """The resolved config of each selected stage (the ``--dry-run`` output); creates nothing."""
         rows = []
         for item in self.select(stage):
-            config = stage_run_config(self.source.meta, self.data, item, self.settings, None)
-            record = config.to_dict()
+            record = stage_run_config(self.source.meta, self.data, item, self.settings, None).to_dict()
             record["distill"]["teacher"] = str(self.teacher_artifact(item))
             rows.append({"stage_dir": str(self.stage_dir(item)), **record})
         return rows

@@ -55,10 +55,8 @@ class Interval:
 
     def describe(self, digits: int = 3, signed: bool = False) -> str:
         """``mean ± half-width`` with ``digits`` decimals (``± n/a`` for a single block)."""
-        mean = f"{self.mean:+.{digits}f}" if signed else f"{self.mean:.{digits}f}"
-        if not math.isfinite(self.half_width):
-            return f"{mean} ± n/a"
-        return f"{mean} ± {self.half_width:.{digits}f}"
+        half = f"{self.half_width:.{digits}f}" if math.isfinite(self.half_width) else "n/a"
+        return f"{self.mean:{'+' if signed else ''}.{digits}f} ± {half}"
 
 
 def t_quantile(level: float, dof: int) -> float:
@@ -87,8 +85,7 @@ def paired_difference(a: Sequence[float], b: Sequence[float], factor: float = 1.
     if len(a) != len(b):
         raise ValueError(f"paired_difference: the rows have {len(a)} and {len(b)} blocks; pairing needs the "
                          f"same blocks")
-    return mean_interval((np.asarray(a, dtype=np.float64) - factor * np.asarray(b, dtype=np.float64)).tolist(),
-                         level)
+    return mean_interval(np.asarray(a, dtype=np.float64) - factor * np.asarray(b, dtype=np.float64), level)
 
 
 def verdict(interval: Interval, claim: str = "below", bound: float = 0.0) -> str:

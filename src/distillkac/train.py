@@ -80,8 +80,6 @@ class TrainResult:
     wall_seconds: float
 
 
-# ------------------------------------------------------------------------------------- the teacher
-
 class TeacherObjective:
     """Velocity regression on a path (method.md §2): ``t ~ U(0, T)``, ``x_t`` and target ``u*`` from the
     path, labels dropped to the null label with probability ``label_dropout`` per sample,
@@ -98,10 +96,7 @@ class TeacherObjective:
         t = rand((batch,), generator, device=x0.device) * self.path.T
         point = self.path.sample(x0, t, generator=generator)
         drop = rand((batch,), generator, device=x0.device) < self.label_dropout
-        if self.num_classes == 0:
-            y = torch.zeros_like(y)
-        else:
-            y = torch.where(drop, torch.full_like(y, self.num_classes), y)
+        y = torch.where(drop, torch.full_like(y, self.num_classes), y) if self.num_classes else torch.zeros_like(y)
         prediction = model(point.x_t, t, y)
         return (prediction.float() - point.target.float()).square().flatten(1).mean(dim=1)
 
@@ -110,8 +105,6 @@ class TeacherObjective:
         return {"kind": kind, "path": self.path.to_config(), "objective": "velocity-mse",
                 "label_dropout": self.label_dropout}
 
-
-# ------------------------------------------------------------------------------------------ seeding
 
 def derive_seed(*parts: int | str) -> int:
     """A 63-bit seed from a tuple such as ``(seed, step, micro_batch)`` (sha256, so nearby tuples give
@@ -145,16 +138,6 @@ def network_rng(seed: int, step: int, micro: int, device: torch.device) -> Itera
         yield
 
 
-# ------------------------------------------------------------------------------------------ hardware
-
-def use_channels_last(config: RunConfig, model: nn.Module, device: torch.device) -> bool:
-    setting = config.train.channels_last
-    is_image = getattr(model.config, "kind", None) == "unet"
-    return is_image and (setting == "on" or (setting == "auto" and device.type == "cuda"))
-
-
-# ------------------------------------------------------------------------------------------ the loop
-
 class _PreviewStopped(Exception):
     """A stop signal came while a preview was being drawn (the preview is dropped; its step is saved)."""
 
@@ -164,7 +147,6 @@ class _Trainer(Checkpointing):
                  preview: Preview | None, progress: bool, notes: tuple[str, ...] = ()) -> None:
         self.config, self.run_dir, self.objective, self.dataset = config, run_dir, objective, dataset
         self.preview, self.progress, self.notes = preview, progress, notes
-        self.step_seconds: list[float] = []
         self.micro_count = config.train.batch // config.train.micro_batch
         processes = world_size()
         if self.micro_count % processes:
@@ -172,9 +154,10 @@ class _Trainer(Checkpointing):
                                   f"(batch {config.train.batch} / micro-batch {config.train.micro_batch}) "
                                   f"cannot be shared by {processes} processes; choose a multiple")
         self.dist, self.device = init_distributed(config.train.device)
-        self.model = model.to(self.device)
-        if use_channels_last(config, model, self.device):
-            self.model = self.model.to(memory_format=torch.channels_last)
+        setting = config.train.channels_last
+        self.channels_last = getattr(model.config, "kind", None) == "unet" and (
+            setting == "on" or (setting == "auto" and self.device.type == "cuda"))
+        self.model = model.to(self.device, memory_format=torch.channels_last if self.channels_last else None)
         self.ema = copy.deepcopy(self.model).eval().requires_grad_(False)
         optim = config.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=tuple(optim.betas),
@@ -189,13 +172,11 @@ class _Trainer(Checkpointing):
         elif self.progress:
             print(message, file=sys.stderr)
 
-    # ------------------------------------------------------------------------------------- steps
     def learning_rate(self) -> float:
         optim = self.config.optim
-        images = (self.step + 1) * self.config.train.batch
         if optim.warmup_images == 0:
             return optim.lr
-        return optim.lr * min(1.0, images / optim.warmup_images)
+        return optim.lr * min(1.0, (self.step + 1) * self.config.train.batch / optim.warmup_images)
 
     def ema_beta(self) -> float:
         """``0.5 ** (batch / half-life)``, the half-life capped at ``ema_rampup * images seen`` (EDM)."""
@@ -216,9 +197,8 @@ class _Trainer(Checkpointing):
             generator = micro_generator(train.seed, self.step, micro, self.device)
             rows = indices[micro * train.micro_batch:(micro + 1) * train.micro_batch]
             x0, y = self.dataset.get_batch(rows, generator)
-            x0, y = x0.to(self.device), y.to(self.device)
-            if use_channels_last(self.config, self.model, self.device):
-                x0 = x0.contiguous(memory_format=torch.channels_last)
+            x0 = x0.to(self.device, memory_format=torch.channels_last if self.channels_last else torch.preserve_format)
+            y = y.to(self.device)
             last = position == len(mine) - 1
             sync = contextlib.nullcontext() if last or self.dist.world_size == 1 else network.no_sync()
             with sync, network_rng(train.seed, self.step, micro, self.device):
@@ -253,9 +233,8 @@ class _Trainer(Checkpointing):
         finite = math.isfinite(loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        if finite:
             self.update_ema(self.ema_beta())
+        self.optimizer.zero_grad(set_to_none=True)
         return loss, grad_norm, finite
 
     def handle_nonfinite(self, loss: float, grad_norm: float) -> None:
@@ -293,8 +272,10 @@ class _Trainer(Checkpointing):
                       f"micro-batches of {train.micro_batch}")
         self.model.train()
         window = StatsWindow(self.step, time.perf_counter())
-        loss = None
-        self.bar = self._progress_bar()
+        loss, step_seconds = None, []
+        if self.progress and self.dist.is_main:
+            self.bar = tqdm(total=train.steps, initial=self.step, unit="step", dynamic_ncols=True,
+                            desc=self.run_dir.name)
         try:
             while self.step < train.steps:
                 step_start = time.perf_counter()
@@ -302,7 +283,9 @@ class _Trainer(Checkpointing):
                 if not finite:
                     self.handle_nonfinite(loss, grad_norm)
                 self.step += 1
-                self.time_step(time.perf_counter() - step_start)
+                step_seconds.append(time.perf_counter() - step_start)
+                if len(step_seconds) == 3:  # the first step pays for warming up: log the speed after the third
+                    self.log.info(speed_line(step_seconds, train.batch, train.steps - self.step, str(self.device)))
                 window.add(loss if finite else None)
                 if self.bar is not None:
                     self.bar.update(1)
@@ -316,13 +299,6 @@ class _Trainer(Checkpointing):
                 self.bar = None
         self.log.info(f"done: step {self.step}, last loss {loss:.5f}")
         return self.result(loss, start_time)
-
-    def time_step(self, seconds: float) -> None:
-        """Note how long an optimiser step took; after the third, log the run's speed and remaining time."""
-        self.step_seconds.append(seconds)
-        if len(self.step_seconds) == 3:
-            self.log.info(speed_line(self.step_seconds, self.config.train.batch,
-                                     self.config.train.steps - self.step, str(self.device)))
 
     def stop_requested(self) -> bool:
         """Whether a stop signal came (to any process: they agree, so all stop after the same step)."""
@@ -369,12 +345,6 @@ class _Trainer(Checkpointing):
         if self.preview is not None and train.sample_every and (self.step % train.sample_every == 0 or final):
             self.save_preview()
 
-    def _progress_bar(self):
-        if not (self.progress and self.dist.is_main):
-            return None
-        return tqdm(total=self.config.train.steps, initial=self.step, unit="step", dynamic_ncols=True,
-                    desc=self.run_dir.name)
-
     def save_preview(self) -> None:
         """Draw and write the preview of this step, with a progress bar; a stop signal drops it."""
         if not self.dist.is_main:
@@ -405,23 +375,17 @@ def train(config: RunConfig, run_dir: str | os.PathLike, model: nn.Module, objec
           preview: Preview | None = None, progress: bool = True, notes: tuple[str, ...] = ()) -> TrainResult:
     """Train ``model`` on ``objective`` over ``dataset`` into ``run_dir``, resuming from its training state.
 
-    ``model`` must be freshly initialised (from ``config.train.seed``); on resume its weights are
-    replaced by the stored ones. ``preview(ema_model, step, on_step=None)`` returns images in [-1, 1]
-    (or 2-D points) for ``samples/step-XXXXXXX.png``. ``notes`` go to log.txt (and, with ``progress``,
-    to stderr) before the first step. Runs under torchrun (DDP) or in a single process.
-
-    SIGTERM or SIGUSR1 stops the run after the current step and its checkpoint, raising
-    :class:`~distillkac.preemption.Preempted`; Ctrl-C stops at once, re-raised as
-    :class:`~distillkac.preemption.Interrupted` saying which checkpoint is kept.
+    ``model`` must be freshly initialised (from ``config.train.seed``); on resume its weights are replaced by
+    the stored ones. ``notes`` go to log.txt (and, with ``progress``, to stderr) before the first step. Runs
+    under torchrun (DDP) or in a single process. SIGTERM or SIGUSR1 stops the run after the current step and
+    its checkpoint (:class:`Preempted`); Ctrl-C stops at once (:class:`Interrupted`, naming the checkpoint kept).
     """
     config.validate()
     run_dir = Path(run_dir)
     joined_here = not dist.is_initialized()
     try:
         trainer = _Trainer(config, run_dir, model, objective, dataset, preview, progress, tuple(notes))
-        lock = RunLock(run_dir) if trainer.dist.is_main else contextlib.nullcontext()
-        if trainer.dist.is_main:
-            run_dir.mkdir(parents=True, exist_ok=True)
+        lock = RunLock(run_dir) if trainer.dist.is_main else contextlib.nullcontext()  # creates run_dir
         with lock, preemption.preemptible():
             trainer.dist.barrier()
             trainer.resume()
@@ -450,17 +414,11 @@ def time_train_steps(config: RunConfig, model: nn.Module, objective: Objective, 
     return seconds
 
 
-# --------------------------------------------------------------------------------- teacher training
-
 def resolve_config(config: RunConfig, data_shape: tuple[int, ...], num_classes: int) -> RunConfig:
     """Fill the network's shape and class count from the dataset (the "resolved" config of a run)."""
-    net = config.net
-    if net.kind == "unet":
-        channels, resolution = data_shape[0], data_shape[-1]
-        net = dataclasses.replace(net, image_channels=channels, resolution=resolution,
-                                  num_classes=num_classes)
-    else:
-        net = dataclasses.replace(net, dim=data_shape[0], num_classes=num_classes)
+    shape = ({"image_channels": data_shape[0], "resolution": data_shape[-1]} if config.net.kind == "unet"
+             else {"dim": data_shape[0]})
+    net = dataclasses.replace(config.net, num_classes=num_classes, **shape)
     return dataclasses.replace(config, net=net).validate()
 
 

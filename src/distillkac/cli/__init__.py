@@ -45,13 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"distillkac {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in COMMANDS:
-        try:
-            module = importlib.import_module(f"distillkac.cli.{name}")
-        except ModuleNotFoundError as err:
-            if err.name != f"distillkac.cli.{name}":
-                raise
-            continue
-        module.register(sub)
+        importlib.import_module(f"distillkac.cli.{name}").register(sub)
     return parser
 
 

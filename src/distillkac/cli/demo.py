@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-from distillkac.cli.options import HelpFormatter, add_output, plain
+from distillkac.cli.options import add_command, add_output
 from distillkac.demo import BUDGETS, run_demo
 from distillkac.report import REPORT_MD
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="the paper's table in miniature on digits, on a CPU",
-                                   description=plain(__doc__), formatter_class=HelpFormatter)
+    parser = add_command(subparsers, "demo", run, "the paper's table in miniature on digits, on a CPU", __doc__)
     add_output(parser, "--outdir", "demo directory (created; rerun to reuse finished parts; any other non-empty "
                                    "directory is refused)", required=True)
     parser.add_argument("--quick", action="store_true",
@@ -30,7 +29,6 @@ def register(subparsers) -> None:
     parser.add_argument("--jobs", type=int, default=None,
                         help="worker processes running parts side by side (default: min(2, CPU cores))")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker process")
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import re
 import sys
 from pathlib import Path
 
-import torch
-
 from distillkac.checkpoint import Artifact
-from distillkac.cli.options import HelpFormatter, add_output, add_overwrite, plain
+from distillkac.cli.options import add_command, add_no_progress, add_output, add_overwrite, preset_help, runs_on_cpu
 from distillkac.config import (
     LOSS_FORMS,
     STAGE1_TARGETS,
@@ -40,40 +37,14 @@ from distillkac.runtime import PRECISIONS
 from distillkac.stages import SUMMARY_FILE, Distillation, resolve_data, resolve_teacher
 
 #: option -> DistillConfig field (``optim.<name>`` / ``train.<name>``: a field of its optimiser or loop)
-OVERRIDES = {"plan": "plan", "guidance": "guidance", "steps_per_stage": "steps_per_stage",
-             "batch": "train.batch", "micro_batch": "train.micro_batch", "lr": "optim.lr",
-             "ema_halflife": "train.ema_halflife_images", "seed": "train.seed", "start_states": "start_states",
-             "target": "target", "student_dropout": "student_dropout", "loss": "loss",
-             "pool_refresh": "pool_refresh", "pool_reuse": "pool_reuse", "device": "train.device",
-             "precision": "train.precision", "teacher_precision": "teacher_precision",
-             "closeness_samples": "closeness_samples",
-             "warmup_images": "optim.warmup_images", "ckpt_every": "train.ckpt_every",
-             "log_every": "train.log_every", "preview_every": "train.sample_every",
-             "preview_num": "train.preview_num"}
-
-
-class _HelpFormatter(HelpFormatter):
-    """Adds the distillation presets' values to the help of an option whose default comes from the preset."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.dest in OVERRIDES and "default" not in (action.help or ""):
-            return f"{action.help} (default: {_preset_values(action.dest)})"
-        return super()._get_help_string(action)
-
-
-def _preset_values(option: str) -> str:
-    """The distillation presets' values of an option, presets with the same value together."""
-    def show(value) -> str:
-        if isinstance(value, tuple):
-            return ",".join(map(str, value))
-        return f"{value:,}" if isinstance(value, int) else f"{value:,g}" if isinstance(value, float) else str(value)
-
-    groups: dict[str, list[str]] = {}
-    for preset, cfg in DISTILL_PRESETS.items():
-        groups.setdefault(show(functools.reduce(getattr, OVERRIDES[option].split("."), cfg)), []).append(preset)
-    if len(groups) == 1:
-        return next(iter(groups))
-    return "; ".join(f"{value} {', '.join(presets)}" for value, presets in groups.items())
+OVERRIDES = {"plan": "plan", "guidance": "guidance", "steps_per_stage": "steps_per_stage", "batch": "train.batch",
+             "micro_batch": "train.micro_batch", "lr": "optim.lr", "ema_halflife": "train.ema_halflife_images",
+             "seed": "train.seed", "start_states": "start_states", "target": "target",
+             "student_dropout": "student_dropout", "loss": "loss", "pool_refresh": "pool_refresh",
+             "pool_reuse": "pool_reuse", "device": "train.device", "precision": "train.precision",
+             "teacher_precision": "teacher_precision", "closeness_samples": "closeness_samples",
+             "warmup_images": "optim.warmup_images", "ckpt_every": "train.ckpt_every", "log_every": "train.log_every",
+             "preview_every": "train.sample_every", "preview_num": "train.preview_num"}
 
 
 def _plan(text: str) -> tuple[int, ...]:
@@ -92,8 +63,8 @@ def _counts(text: str) -> int | tuple[int, ...]:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("distill", help="distil a teacher into few-step students",
-                                   description=plain(__doc__), formatter_class=_HelpFormatter)
+    parser = add_command(subparsers, "distill", run, "distil a teacher into few-step students", __doc__,
+                         preset_help(DISTILL_PRESETS, OVERRIDES))
     parser.add_argument("--teacher", required=True, help="teacher run directory (uses RUN/artifact) or artefact")
     add_output(parser, "--outdir", "output directory, one sub-directory per stage (rerun the same command to "
                                    "resume)", required=True)
@@ -113,8 +84,7 @@ def register(subparsers) -> None:
                         help="start-state data: a dataset path, or digits|toy2d (default: the teacher run's)")
     group = parser.add_argument_group("distillation")
     group.add_argument("--guidance", type=float, default=None,
-                       help="CFG weight w baked into the students; "
-                            "a student teacher keeps its own")
+                       help="CFG weight w baked into the students; a student teacher keeps its own")
     group.add_argument("--start-states", choices=list(START_STATES), default=None,
                        help="x_{t_k}: forward-noised data, teacher roll-out states from the trajectory pool, "
                             "or a 50/50 mix")
@@ -137,8 +107,7 @@ def register(subparsers) -> None:
     group.add_argument("--warmup-images", type=int, default=None, help="linear learning-rate warm-up, in images")
     group.add_argument("--ema-halflife", type=float, default=None, help="EMA half-life in images")
     group.add_argument("--seed", type=int, default=None, help="seed of the batches and noise")
-    group.add_argument("--closeness-samples", type=int, default=None,
-                       help="prior draws for the path-closeness curve")
+    group.add_argument("--closeness-samples", type=int, default=None, help="prior draws for the path-closeness curve")
     group = parser.add_argument_group("hardware and logging")
     group.add_argument("--device", default=None, help="auto, cpu, cuda or cuda:N")
     group.add_argument("--precision", choices=list(PRECISIONS), default=None,
@@ -152,20 +121,14 @@ def register(subparsers) -> None:
                        help="steps between preview grids of a stage's student, and one at its end (0 = none)")
     group.add_argument("--preview-num", type=int, default=None,
                        help=f"images per preview (0 = none); at most {CPU_PREVIEW[0]} on a CPU unless set")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="print each stage's resolved config and exit; create nothing")
-    parser.set_defaults(func=run)
-
-
-def settings_from_args(args: argparse.Namespace) -> DistillConfig:
-    """The distillation config from the preset (by default the one for the teacher's data and class count)
-    and the command-line overrides, fitted to the stages' length."""
-    return resolve_settings(args)[0]
 
 
 def resolve_settings(args: argparse.Namespace) -> tuple[DistillConfig, list[str]]:
-    """:func:`settings_from_args`, and one line for each value adjusted to the run."""
+    """The distillation config from the preset (by default the one for the teacher's data and class count)
+    and the command-line overrides, fitted to the stages' length; and one line for each value adjusted."""
     source = resolve_teacher(args.teacher)
     num_classes = int(source.meta["num_classes"])
     if args.config is not None and args.preset is not None:
@@ -188,9 +151,7 @@ def resolve_settings(args: argparse.Namespace) -> tuple[DistillConfig, list[str]
     optim, train, notes = fit_to_run(settings.optim, settings.train, min(counts) * settings.train.batch,
                                      fit_micro_batch=args.micro_batch is None,
                                      fit_warmup=args.warmup_images is None)
-    device = str(train.device)
-    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-    if (not on_gpu and args.preview_num is None and source.meta["net"].get("kind") == "unet"
+    if (runs_on_cpu(train.device) and args.preview_num is None and source.meta["net"].get("kind") == "unet"
             and train.preview_num > CPU_PREVIEW[0]):
         notes.append(f"previews on the CPU: {CPU_PREVIEW[0]} images (set --preview-num to choose)")
         train = dataclasses.replace(train, preview_num=CPU_PREVIEW[0])

@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable
 
-from distillkac.cli.options import HelpFormatter, add_output, add_overwrite, plain
+from distillkac.cli.options import add_command, add_no_progress, add_output, add_overwrite, comma_list
 from distillkac.evaluate import DEFAULT_PRECISION, DEFAULT_SAVE_EVERY, evaluate
 from distillkac.files import check_new_output_dir
 from distillkac.metrics.context import METRICS
@@ -22,29 +21,15 @@ from distillkac.runtime import PRECISIONS, init_distributed
 from distillkac.solvers import SOLVERS
 
 
-def _comma_list(parse: Callable[[str], object], what: str) -> Callable[[str], list]:
-    def parse_list(text: str) -> list:
-        try:
-            values = [parse(part.strip()) for part in text.split(",") if part.strip()]
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from err
-        if not values:
-            raise argparse.ArgumentTypeError(f"expected at least one of {what}")
-        return values
-
-    return parse_list
-
-
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("eval", help="metric vs NFE table for model artefacts",
-                                   description=plain(__doc__), formatter_class=HelpFormatter)
+    parser = add_command(subparsers, "eval", run, "metric vs NFE table for model artefacts", __doc__)
     parser.add_argument("--checkpoint", action="append", required=True,
                         help="model artefact or run directory (repeat for several models)")
-    parser.add_argument("--steps", type=_comma_list(int, "integers"), default="100",
+    parser.add_argument("--steps", type=comma_list(int, "integers"), default="100",
                         help="comma-separated solver step counts, e.g. 100,20,4,2,1 (teachers and baselines)")
-    parser.add_argument("--solver", type=_comma_list(str, "solver names"), default="ab2",
+    parser.add_argument("--solver", type=comma_list(str, "solver names"), default="ab2",
                         help=f"comma-separated solvers from {', '.join(SOLVERS)}")
-    parser.add_argument("--guidance", type=_comma_list(float, "numbers"), default="0",
+    parser.add_argument("--guidance", type=comma_list(float, "numbers"), default="0",
                         help="comma-separated CFG weights w (u = (1+w) u(y) - w u(null))")
     parser.add_argument("--metric", required=True, help=f"one of {', '.join(METRICS)}")
     parser.add_argument("--num", type=int, required=True,
@@ -68,8 +53,7 @@ def register(subparsers) -> None:
     add_overwrite(parser, "a non-empty --out that holds no results.jsonl")
     parser.add_argument("--save-every", type=int, default=DEFAULT_SAVE_EVERY,
                         help="batches between saves of the row being computed (a rerun continues from there)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    parser.set_defaults(func=run)
+    add_no_progress(parser)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from distillkac.cli.options import HelpFormatter, add_no_progress
-from distillkac.errors import DistillKacError
+from distillkac.cli.options import add_command, add_no_progress, check_minimum
 from distillkac.metrics import fid
 from distillkac.metrics.inputs import image_file_batches
 from distillkac.runtime import resolve_device
@@ -16,17 +15,16 @@ WEIGHTS_HELP = ("Inception weights file (default: $DISTILLKAC_INCEPTION_WEIGHTS,
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "fid", help="FID of existing images against reference statistics from distillkac ref",
-        description='Prints one JSON line {"fid", "num_images", "label", ...}. Images are used at their own '
-                    "resolution, which must match the reference's.", formatter_class=HelpFormatter)
+    parser = add_command(subparsers, "fid", run,
+                         "FID of existing images against reference statistics from distillkac ref",
+                         'Prints one JSON line {"fid", "num_images", "label", ...}. Images are used at their own '
+                         "resolution, which must match the reference's.")
     parser.add_argument("--images", required=True,
                         help="what distillkac sample wrote (its --out directory, that directory's images/ "
                              "folder, or its samples.npz), any folder of PNG/JPEG files, or an .npz of uint8 "
                              "images (key 'samples' or 'images', [N, C, H, W] or [N, H, W, C])")
     parser.add_argument("--ref", required=True, help="reference statistics .npz written by distillkac ref")
     add_inception_arguments(parser, f"{WEIGHTS_HELP}; must be the one the reference was made with")
-    parser.set_defaults(func=run)
 
 
 def add_inception_arguments(parser: argparse.ArgumentParser, weights_help: str = WEIGHTS_HELP) -> None:
@@ -39,8 +37,7 @@ def add_inception_arguments(parser: argparse.ArgumentParser, weights_help: str =
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.batch < 1:
-        raise DistillKacError(f"--batch: must be a positive integer, got {args.batch}")
+    check_minimum(args, batch=1)
     device = resolve_device(args.device)
     reference = fid.load_reference(args.ref)
     weights = fid.resolve_inception_weights(args.inception_weights)

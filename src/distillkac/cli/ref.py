@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from distillkac.cli.fid import add_inception_arguments
-from distillkac.cli.options import HelpFormatter, add_output, add_overwrite, plain
+from distillkac.cli.options import add_command, add_output, add_overwrite, check_minimum
 from distillkac.data import BAD_FILE_POLICIES, SPLITS
 from distillkac.errors import DistillKacError
 from distillkac.files import check_new_output_file
@@ -24,9 +24,8 @@ from distillkac.runtime import resolve_device
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "ref", help="FID reference statistics of a set of images (an .npz for distillkac fid and eval)",
-        description=plain(__doc__), formatter_class=HelpFormatter)
+    parser = add_command(subparsers, "ref", run,
+                         "FID reference statistics of a set of images (an .npz for distillkac fid and eval)", __doc__)
     parser.add_argument("--data", required=True,
                         help="the images: a folder or .zip of images (class sub-folders and train/ test/ "
                              "splits allowed), the CIFAR-10 batches folder, an .npz of uint8 images, or what "
@@ -51,7 +50,6 @@ def register(subparsers) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the --limit subset")
     parser.add_argument("--save-every", type=int, default=20,
                         help="batches between saves of the partial sums to OUT.partial.npz")
-    parser.set_defaults(func=run)
 
 
 def progress_path(out: str) -> Path:
@@ -64,11 +62,7 @@ def run(args: argparse.Namespace) -> int:
     if source != "folder" and (args.resolution is not None or args.channels is not None):
         raise DistillKacError(f"--resolution/--channels: only for a folder or zip of images; {source} images "
                               f"are used at their own size")
-    for option, value in (("--batch", args.batch), ("--save-every", args.save_every)):
-        if value < 1:
-            raise DistillKacError(f"{option}: must be a positive integer, got {value}")
-    if args.limit is not None and args.limit < 2:
-        raise DistillKacError(f"--limit: must be at least 2, got {args.limit}")
+    check_minimum(args, batch=1, save_every=1, limit=2)
     check_new_output_file(args.out, "--out", overwrite=args.overwrite)
     device = resolve_device(args.device)
     dataset = load_reference_images(source, data, args.split, resolution=args.resolution,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from distillkac.cli.options import HelpFormatter, add_no_progress, add_output, plain
+from distillkac.cli.options import add_command, add_no_progress, add_output, check_minimum
 from distillkac.errors import DistillKacError
 from distillkac.reproduce import (
     FID_NUM,
@@ -28,8 +28,7 @@ from distillkac.reproduce import (
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("reproduce", help="the paper-scale plan: ref, train, distil, FID-50k",
-                                   description=plain(__doc__), formatter_class=HelpFormatter)
+    parser = add_command(subparsers, "reproduce", run, "the paper-scale plan: ref, train, distil, FID-50k", __doc__)
     parser.add_argument("dataset", choices=list(TARGETS), help="which of the paper's datasets")
     parser.add_argument("--data", required=True, default=argparse.SUPPRESS,
                         help="dataset path (CIFAR-10 batches/zip/folder, or an image folder/zip)")
@@ -45,12 +44,10 @@ def register(subparsers) -> None:
                         help="directory of benchmark results (default: benchmarks/results of this source tree)")
     parser.add_argument("--dry-run", action="store_true", help="print the plan and the estimate; run nothing")
     add_no_progress(parser)
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.gpus < 1:
-        raise DistillKacError(f"--gpus: must be a positive integer, got {args.gpus}")
+    check_minimum(args, gpus=1)
     if args.num < 2:
         raise DistillKacError(f"--num: FID needs at least 2 images, got {args.num}")
     weights = check_inputs(args.data, args.inception_weights, for_real=not args.dry_run)

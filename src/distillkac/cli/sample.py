@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from distillkac.checkpoint import Artifact, load_artifact
-from distillkac.cli.options import HelpFormatter, add_no_progress, add_output, add_overwrite, plain
+from distillkac.cli.options import add_command, add_no_progress, add_output, add_overwrite, check_minimum, comma_list
 from distillkac.errors import DistillKacError
 from distillkac.files import check_new_output_dir
 from distillkac.runtime import PRECISIONS, resolve_device
@@ -18,19 +18,8 @@ from distillkac.sampling import cycle_labels, sample_artifact, save_result
 from distillkac.solvers import GRID_KINDS, SOLVERS
 
 
-def _classes(text: str) -> list[int]:
-    try:
-        classes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from err
-    if not classes:
-        raise argparse.ArgumentTypeError("expected at least one class")
-    return classes
-
-
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("sample", help="generate samples from a model artefact",
-                                   description=plain(__doc__), formatter_class=HelpFormatter)
+    parser = add_command(subparsers, "sample", run, "generate samples from a model artefact", __doc__)
     parser.add_argument("--checkpoint", required=True,
                         help="model: an artefact directory, or a run or stage directory holding artifact/")
     add_output(parser, "--out", "output directory", required=True)
@@ -47,7 +36,7 @@ def register(subparsers) -> None:
     parser.add_argument("--num", type=int, default=64, help="number of samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first sample (then S+1, ...)")
     parser.add_argument("--batch", type=int, default=256, help="samples per forward pass")
-    parser.add_argument("--class", dest="classes", type=_classes, default=None,
+    parser.add_argument("--class", dest="classes", type=comma_list(int, "integers"), default=None,
                         help="class or comma-separated classes to cycle through (default: all classes)")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about sqrt(num))")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
@@ -55,18 +44,10 @@ def register(subparsers) -> None:
                         help="network precision: auto = bf16 autocast on CUDA, fp32 on the CPU; fp32; bf16 "
                              "(autocast, also on the CPU); recorded in samples.npz")
     add_no_progress(parser)
-    parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.num < 1:
-        raise DistillKacError(f"--num: must be a positive integer, got {args.num}")
-    if args.seed < 0:
-        raise DistillKacError(f"--seed: must be >= 0, got {args.seed}")
-    if args.steps is not None and args.steps < 1:
-        raise DistillKacError(f"--steps: must be a positive integer, got {args.steps}")
-    if args.batch < 1:
-        raise DistillKacError(f"--batch: must be a positive integer, got {args.batch}")
+    check_minimum(args, num=1, seed=0, steps=1, batch=1)
     check_new_output_dir(args.out, "--out", overwrite=args.overwrite)
     device = resolve_device(args.device)
     model, meta = load_artifact(Artifact.locate(args.checkpoint), device=device)

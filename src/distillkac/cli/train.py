@@ -19,11 +19,9 @@ import math
 import sys
 from pathlib import Path
 
-import torch
-
 import distillkac.train  # the module, not the function: train_teacher is looked up when the command runs
 from distillkac.checkpoint import Artifact
-from distillkac.cli.options import HelpFormatter, add_output, add_overwrite, plain
+from distillkac.cli.options import add_command, add_no_progress, add_output, add_overwrite, preset_help, runs_on_cpu
 from distillkac.config import CHANNELS_LAST, RunConfig, fit_to_run
 from distillkac.data import inspect_images
 from distillkac.errors import DistillKacError
@@ -35,54 +33,25 @@ from distillkac.previews import CPU_PREVIEW
 from distillkac.runlog import class_list
 from distillkac.runtime import PRECISIONS
 
-#: option -> (section, field) of the RunConfig it sets
+#: option -> "section.field" of the RunConfig it sets
 OVERRIDES = {
-    "steps": ("train", "steps"), "batch": ("train", "batch"), "micro_batch": ("train", "micro_batch"),
-    "seed": ("train", "seed"), "ema_halflife": ("train", "ema_halflife_images"),
-    "label_dropout": ("train", "label_dropout"), "precision": ("train", "precision"),
-    "channels_last": ("train", "channels_last"), "compile": ("train", "compile"),
-    "device": ("train", "device"),
-    "ckpt_every": ("train", "ckpt_every"), "preview_every": ("train", "sample_every"),
-    "preview_num": ("train", "preview_num"), "preview_steps": ("train", "preview_steps"),
-    "log_every": ("train", "log_every"), "skip_nonfinite": ("train", "skip_nonfinite"),
-    "lr": ("optim", "lr"), "warmup_images": ("optim", "warmup_images"), "grad_clip": ("optim", "grad_clip"),
-    "path": ("path", "kind"), "kac_a": ("path", "kac_a"), "kac_c": ("path", "kac_c"), "T": ("path", "T"),
-    "schedule": ("path", "schedule"), "g_schedule": ("path", "g_schedule"),
-    "data": ("data", "path"), "hflip": ("data", "hflip"), "download": ("data", "download"),
+    "steps": "train.steps", "batch": "train.batch", "micro_batch": "train.micro_batch", "seed": "train.seed",
+    "ema_halflife": "train.ema_halflife_images", "label_dropout": "train.label_dropout",
+    "precision": "train.precision", "channels_last": "train.channels_last", "compile": "train.compile",
+    "device": "train.device", "ckpt_every": "train.ckpt_every", "preview_every": "train.sample_every",
+    "preview_num": "train.preview_num", "preview_steps": "train.preview_steps", "log_every": "train.log_every",
+    "skip_nonfinite": "train.skip_nonfinite", "lr": "optim.lr", "warmup_images": "optim.warmup_images",
+    "grad_clip": "optim.grad_clip", "path": "path.kind", "kac_a": "path.kac_a", "kac_c": "path.kac_c",
+    "T": "path.T", "schedule": "path.schedule", "g_schedule": "path.g_schedule",
+    "data": "data.path", "hflip": "data.hflip", "download": "data.download",
 }
-
-
-class _HelpFormatter(HelpFormatter):
-    """Adds the presets' values to the help of an option whose default comes from the preset."""
-
-    def _get_help_string(self, action: argparse.Action) -> str:
-        if action.dest in OVERRIDES and action.dest not in ("data", "download"):
-            return f"{action.help} (default: {preset_defaults(*OVERRIDES[action.dest])})"
-        return super()._get_help_string(action)
-
-
-def preset_defaults(section: str, name: str) -> str:
-    """The presets' values of a config field, presets with the same value together: ``800 digits; 400,000
-    cifar10, celeba64; ...``, or just the value when every preset has it."""
-    groups: dict[str, list[str]] = {}
-    for preset, config in PRESETS.items():
-        groups.setdefault(_show(getattr(getattr(config, section), name)), []).append(preset)
-    if len(groups) == 1:
-        return next(iter(groups))
-    return "; ".join(f"{value} {', '.join(presets)}" for value, presets in groups.items())
-
-
-def _show(value) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    if isinstance(value, int):
-        return f"{value:,}"
-    return f"{value:,g}" if isinstance(value, float) else str(value)
+#: the help shows the presets' values as the defaults (of all but the data options, which have none)
+_FORMATTER = preset_help(PRESETS, {option: field for option, field in OVERRIDES.items()
+                                   if option not in ("data", "download")})
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("train", help="train a Kac-flow teacher or a baseline",
-                                   description=plain(__doc__), formatter_class=_HelpFormatter)
+    parser = add_command(subparsers, "train", run, "train a Kac-flow teacher or a baseline", __doc__, _FORMATTER)
     parser.add_argument("--preset", choices=list(PRESETS), default=None,
                         help="dataset preset; without one, --data is a folder or .zip of your own images and the "
                              "resolution, channels, classes and network are read from it")
@@ -97,14 +66,12 @@ def register(subparsers) -> None:
     parser.add_argument("--download", action="store_true", default=None,
                         help="download CIFAR-10 into --data if it is not there")
     group = parser.add_argument_group("training")
-    group.add_argument("--steps", type=int, default=None,
-                       help="optimiser steps")
+    group.add_argument("--steps", type=int, default=None, help="optimiser steps")
     group.add_argument("--batch", type=int, default=None, help="GLOBAL batch size (all processes together)")
     group.add_argument("--micro-batch", type=int, default=None,
                        help="images per forward pass; must divide --batch (lowered to fit a smaller --batch unless "
                             "set)")
-    group.add_argument("--lr", type=float, default=None,
-                       help="peak learning rate")
+    group.add_argument("--lr", type=float, default=None, help="peak learning rate")
     group.add_argument("--warmup-images", type=int, default=None,
                        help="linear learning-rate warm-up, in images (image runs: at most a fifth of the run's "
                             "images unless set)")
@@ -154,10 +121,9 @@ def register(subparsers) -> None:
                        help=f"images per preview; at most {CPU_PREVIEW[0]} on a CPU unless set")
     group.add_argument("--preview-steps", type=int, default=None,
                        help=f"solver steps per preview image; at most {CPU_PREVIEW[1]} on a CPU unless set")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_no_progress(parser)
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and the parameter count; create nothing")
-    parser.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
@@ -169,9 +135,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 def resolve_args(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
     """:func:`config_from_args`, and one line for each thing read from the images or adjusted to the run."""
     config, notes = _base_config(args)
-    for option, (section, name) in OVERRIDES.items():
+    for option, field in OVERRIDES.items():
         value = getattr(args, option, None)
         if value is not None:
+            section, name = field.split(".")
             setattr(getattr(config, section), name, value)
     net_changes = {}
     if args.resolution is not None:
@@ -241,10 +208,8 @@ def run_config_file(path: str) -> RunConfig:
 
 def _cpu_previews(config: RunConfig, args: argparse.Namespace) -> list[str]:
     """Cap the previews of an image model that trains on a CPU at :data:`CPU_PREVIEW` unless they were set."""
-    device = str(config.train.device)
-    on_gpu = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
     train = config.train
-    if on_gpu or config.net.kind != "unet":
+    if not runs_on_cpu(train.device) or config.net.kind != "unet":
         return []
     num = train.preview_num if args.preview_num is not None else min(train.preview_num, CPU_PREVIEW[0])
     steps = train.preview_steps if args.preview_steps is not None else min(train.preview_steps, CPU_PREVIEW[1])
@@ -264,16 +229,14 @@ def is_train_run(directory: Path) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     config, notes = resolve_args(args)
-    if not args.dry_run:
-        outdir = check_new_output_dir(args.outdir, "--outdir", overwrite=args.overwrite, resumes=is_train_run,
-                                      what="a train run")
-    if args.dry_run:  # a run shows them with its summary (and keeps them in log.txt)
+    if args.dry_run:  # a run shows the notes with its summary (and keeps them in log.txt)
         for note in notes:
             print(note, file=sys.stderr)
-    if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         print(f"parameters: {config_parameter_count(config.net):,}")
         return 0
+    outdir = check_new_output_dir(args.outdir, "--outdir", overwrite=args.overwrite, resumes=is_train_run,
+                                  what="a train run")
     result = distillkac.train.train_teacher(config, outdir, progress=not args.no_progress, notes=tuple(notes))
     print(f"trained {result.step} steps (resumed from {result.resumed_from}); "
           f"artefact: {result.artifact_dir}", file=sys.stderr)

@@ -9,6 +9,7 @@ downloaded unless ``DataConfig.download`` asks for it (CIFAR-10 only, through to
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import pickle
@@ -68,22 +69,16 @@ def _read_cifar_batch(file: Path) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32), labels
 
 
-def _find_cifar_batches(path: Path) -> Path | None:
+def find_cifar_batches(path: Path) -> Path | None:
     """The folder holding the official batches: ``path`` itself or ``path/cifar-10-batches-py``."""
-    for folder in (path, path / "cifar-10-batches-py"):
-        batches = CIFAR10_TRAIN_BATCHES + CIFAR10_TEST_BATCHES
-        if folder.is_dir() and any((folder / n).is_file() for n in batches):
-            return folder
-    return None
+    batches = CIFAR10_TRAIN_BATCHES + CIFAR10_TEST_BATCHES
+    return next((folder for folder in (path, path / "cifar-10-batches-py")
+                 if any((folder / n).is_file() for n in batches)), None)
 
 
 def _holds_images(path: Path) -> bool:
     """Whether ``path`` is a file (read as a zip, never downloaded over) or a folder with image files."""
-    if not path.exists():
-        return False
-    if not path.is_dir():
-        return True
-    return any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*"))
+    return path.exists() and (not path.is_dir() or any(p.suffix.lower() in IMAGE_EXTENSIONS for p in path.rglob("*")))
 
 
 def _download_cifar10(path: Path) -> Path:
@@ -91,7 +86,7 @@ def _download_cifar10(path: Path) -> Path:
 
     path.mkdir(parents=True, exist_ok=True)
     torchvision.datasets.CIFAR10(root=str(path), train=True, download=True)
-    folder = _find_cifar_batches(path)
+    folder = find_cifar_batches(path)
     if folder is None:
         raise DistillKacError(f"data.path: the CIFAR-10 download into {path} left no cifar-10-batches-py "
                               f"folder")
@@ -106,8 +101,7 @@ def _load_cifar_batches(cfg: DataConfig, split: str, folder: Path) -> InMemoryDa
     arrays = [_read_cifar_batch(folder / n) for n in names]
     images = torch.from_numpy(np.concatenate([a for a, _ in arrays]))
     labels = torch.from_numpy(np.concatenate([b for _, b in arrays]))
-    info = {"name": "cifar10", "split": split, "source": str(folder.resolve()),
-            "source_format": "cifar-batches",
+    info = {"name": "cifar10", "split": split, "source": str(folder.resolve()), "source_format": "cifar-batches",
             "preprocessing": f"official uint8 pixels; {scale_info(cfg.hflip)}"}
     return InMemoryDataset(images, labels, num_classes=10, class_names=CIFAR10_CLASSES, hflip=cfg.hflip,
                            info=info)
@@ -120,20 +114,13 @@ def load_cifar10(cfg: DataConfig, split: str, progress: bool = True) -> InMemory
                               "folder, a .zip or folder with train/<class>/ and test/<class>/ images, or a "
                               "folder to download into with data.download=true")
     path = Path(cfg.path).expanduser()
-    folder = _find_cifar_batches(path)
+    folder = find_cifar_batches(path)
     if folder is None and cfg.download and not _holds_images(path):
         folder = _download_cifar10(path)
     if folder is not None:
         return _load_cifar_batches(cfg, split, folder)
-    with _open_image_source(path) as source:
-        index = _index_images(source, split, cfg.name, require_split=True, labels="subfolders")
-        images, labels, skipped = _decode_index(source, index, _cifar_decoder, (3, 32, 32), cfg.bad_files,
-                                                 progress)
-    info = {"name": "cifar10", "split": split, "source": str(path.resolve()), "source_format": source.kind,
-            "ignored_files": source.ignored,
-            "preprocessing": f"decoded 32x32 images as RGB uint8; {scale_info(cfg.hflip)}"}
-    return InMemoryDataset(images, labels, num_classes=len(index.class_names), class_names=index.class_names,
-                           hflip=cfg.hflip, info=info, skipped=skipped)
+    return _decode_dataset(cfg, split, path, _cifar_decoder, (3, 32, 32), "decoded 32x32 images as RGB uint8",
+                           progress, require_split=True, labels="subfolders")
 
 
 def _cifar_decoder(name: str, image: Image.Image) -> np.ndarray:
@@ -319,13 +306,8 @@ def centre_crop_resize(image: Image.Image, resolution: int) -> Image.Image:
     return square.resize((resolution, resolution), RESAMPLING)
 
 
-def _folder_decoder(resolution: int, channels: int) -> _Converter:
-    mode = "RGB" if channels == 3 else "L"
-
-    def convert(name: str, image: Image.Image) -> np.ndarray:
-        return np.asarray(centre_crop_resize(image.convert(mode), resolution))
-
-    return convert
+def _folder_decoder(mode: str, resolution: int, name: str, image: Image.Image) -> np.ndarray:
+    return np.asarray(centre_crop_resize(image.convert(mode), resolution))
 
 
 def load_folder(cfg: DataConfig, split: str, progress: bool = True) -> InMemoryDataset:
@@ -335,19 +317,21 @@ def load_folder(cfg: DataConfig, split: str, progress: bool = True) -> InMemoryD
     if cfg.resolution is None:
         raise DistillKacError("data.resolution: the folder dataset needs a resolution (e.g. 64); images are "
                               "centre-cropped to a square and resized to it")
-    channels = cfg.channels or 3
-    path = Path(cfg.path).expanduser()
+    channels, side = cfg.channels or 3, cfg.resolution
+    mode = "RGB" if channels == 3 else "L"
+    preprocessing = f"{mode}; centre crop to a square; PIL LANCZOS (antialiased) resize to {side}x{side}"
+    return _decode_dataset(cfg, split, Path(cfg.path).expanduser(), functools.partial(_folder_decoder, mode, side),
+                           (channels, side, side), preprocessing, progress, require_split=False, labels=cfg.labels)
+
+
+def _decode_dataset(cfg: DataConfig, split: str, path: Path, convert: _Converter, shape: tuple[int, int, int],
+                    preprocessing: str, progress: bool, **index_options: Any) -> InMemoryDataset:
+    """The ``split`` images of the folder or zip ``path``, decoded by ``convert`` to uint8 ``shape``."""
     with _open_image_source(path) as source:
-        index = _index_images(source, split, "folder", require_split=False, labels=cfg.labels)
-        convert = _folder_decoder(cfg.resolution, channels)
-        shape = (channels, cfg.resolution, cfg.resolution)
+        index = _index_images(source, split, cfg.name, **index_options)
         images, labels, skipped = _decode_index(source, index, convert, shape, cfg.bad_files, progress)
-    info = {"name": "folder", "split": index.split, "source": str(path.resolve()),
-            "source_format": source.kind,
-            "ignored_files": source.ignored,
-            "preprocessing": f"{'RGB' if channels == 3 else 'L'}; centre crop to a square; PIL LANCZOS "
-                             f"(antialiased) resize to {cfg.resolution}x{cfg.resolution}; "
-                             f"{scale_info(cfg.hflip)}"}
+    info = {"name": cfg.name, "split": index.split, "source": str(path.resolve()), "source_format": source.kind,
+            "ignored_files": source.ignored, "preprocessing": f"{preprocessing}; {scale_info(cfg.hflip)}"}
     return InMemoryDataset(images, labels, num_classes=len(index.class_names), class_names=index.class_names,
                            hflip=cfg.hflip, info=info, skipped=skipped)
 

@@ -52,23 +52,19 @@ def load(cfg: DataConfig, split: str) -> InMemoryDataset:
         raise DistillKacError(f"data.toy_size: must be a positive integer, got {cfg.toy_size}")
     seed = 2 * cfg.seed + (1 if split == "test" else 0)  # the two splits never share a generator seed
     generator = torch.Generator().manual_seed(seed)
-    if cfg.toy == "grid":
-        means, std, weights = toy_mixture(cfg)
-        labels = torch.multinomial(weights, cfg.toy_size, replacement=True, generator=generator)
-        noise = torch.randn((cfg.toy_size, 2), generator=generator, dtype=torch.float64)
-        points = means[labels] + std * noise
-        detail = f"4x4 grid of Gaussians, std {std}, spacing {GRID_SPACING}"
-    else:
-        corners, side = checkerboard_squares()
-        weights = torch.full((corners.shape[0],), 1.0 / corners.shape[0], dtype=torch.float64)
-        labels = torch.multinomial(weights, cfg.toy_size, replacement=True, generator=generator)
-        offsets = torch.rand((cfg.toy_size, 2), generator=generator, dtype=torch.float64)
-        points = corners[labels] + side * offsets
-        detail = f"{CHECKER_SIDE}x{CHECKER_SIDE} checkerboard on [-1, 1]^2, {corners.shape[0]} filled squares"
+    if cfg.toy == "grid":  # a class's points: its mean plus std times a normal draw
+        anchors, scale, weights = toy_mixture(cfg)
+        draw, kind, detail = torch.randn, "mode", f"4x4 grid of Gaussians, std {scale}, spacing {GRID_SPACING}"
+    else:  # a class's points: its square's corner plus side times a uniform draw
+        anchors, scale = checkerboard_squares()
+        weights = torch.full((anchors.shape[0],), 1.0 / anchors.shape[0], dtype=torch.float64)
+        draw, kind = torch.rand, "square"
+        detail = f"{CHECKER_SIDE}x{CHECKER_SIDE} checkerboard on [-1, 1]^2, {anchors.shape[0]} filled squares"
+    labels = torch.multinomial(weights, cfg.toy_size, replacement=True, generator=generator)
+    points = anchors[labels] + scale * draw((cfg.toy_size, 2), generator=generator, dtype=torch.float64)
     info = {"name": "toy2d", "split": split, "source": f"generated: {cfg.toy}, seed {seed}",
             "source_format": "generated", "toy": cfg.toy,
             "preprocessing": f"{detail}; float32 points used as they are"}
     num_classes = weights.numel()
-    kind = "mode" if cfg.toy == "grid" else "square"
     return InMemoryDataset(points.to(torch.float32), labels, num_classes=num_classes,
                            class_names=[f"{kind} {k}" for k in range(num_classes)], hflip=False, info=info)

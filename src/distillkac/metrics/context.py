@@ -80,7 +80,7 @@ class MetricContext:
     def extractor(self) -> fid.InceptionFeatures:
         return fid.InceptionFeatures(self.weights_path, self.device, self.batch_size)
 
-    def new_part(self) -> RowPart:
+    def new_part(self) -> MomentsPart | SamplesPart:
         """An empty part of a row for this process (what ``finish`` merges)."""
         return MomentsPart(self) if self.metric == "fid" else SamplesPart()
 
@@ -178,6 +178,3 @@ class SamplesPart:
         if not self.samples:
             return {"samples": None, "labels": None}
         return {"samples": torch.cat(self.samples), "labels": torch.cat(self.labels)}
-
-
-RowPart = MomentsPart | SamplesPart

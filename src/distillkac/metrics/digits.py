@@ -175,16 +175,16 @@ def digits_metrics(samples: torch.Tensor, requested_labels: torch.Tensor, classi
     classifier = classifier.eval()
     device = next(classifier.parameters()).device
     samples, reference = samples.float().to(device), reference.float().to(device)
-    sample_features = GaussianStats.from_features(classifier.features(samples))
-    reference_features = GaussianStats.from_features(classifier.features(reference))
-    sample_pixels = GaussianStats.from_features(samples.flatten(1))
-    reference_pixels = GaussianStats.from_features(reference.flatten(1))
     return {
         "class_accuracy": labelled_accuracy(classifier.predict(samples).cpu(), requested, 10),
-        "fd_digits": frechet_distance(sample_features.mu, sample_features.sigma, reference_features.mu,
-                                      reference_features.sigma),
-        "fd_pixels": frechet_distance(sample_pixels.mu, sample_pixels.sigma, reference_pixels.mu,
-                                      reference_pixels.sigma),
+        "fd_digits": _fitted_distance(classifier.features(samples), classifier.features(reference)),
+        "fd_pixels": _fitted_distance(samples.flatten(1), reference.flatten(1)),
         "num_samples": int(samples.shape[0]),
         "num_reference": int(reference.shape[0]),
     }
+
+
+def _fitted_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The Fréchet distance between the Gaussian fits of two feature sets ``[N, D]``."""
+    fit_a, fit_b = GaussianStats.from_features(a), GaussianStats.from_features(b)
+    return frechet_distance(fit_a.mu, fit_a.sigma, fit_b.mu, fit_b.sigma)

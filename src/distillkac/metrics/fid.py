@@ -55,11 +55,8 @@ _WEIGHTS_HINT = ("pass --inception-weights PATH or set DISTILLKAC_INCEPTION_WEIG
 # ----------------------------------------------------------------------------- Inception features
 
 def resolve_inception_weights(path: str | os.PathLike | None) -> str | None:
-    """The Inception weights file to use: ``path``, else ``$DISTILLKAC_INCEPTION_WEIGHTS``, else None.
-
-    None means torch-fidelity's own copy (downloaded once into the torch hub cache). A named file
-    that does not exist is an error.
-    """
+    """The Inception weights file to use: ``path``, else ``$DISTILLKAC_INCEPTION_WEIGHTS``, else None
+    (torch-fidelity's own copy, downloaded once into the torch hub cache)."""
     source = "--inception-weights"
     if path is None or str(path) == "":
         path, source = os.environ.get(WEIGHTS_ENV) or None, WEIGHTS_ENV
@@ -112,7 +109,6 @@ class InceptionFeatures:
     is repeated to 3 channels, as PIL's convert("RGB") does for grayscale files); it returns float64
     features ``[B, 2048]`` on ``device``, computed in chunks of ``batch_size``. Only the pool3 output
     is used, so a weights file whose fc layer is NaN (the offline pool3-only file) is fine.
-    ``weights_id`` is the sha256 of the weights file, or "torch-fidelity-default".
     """
 
     def __init__(self, weights_path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
@@ -146,7 +142,7 @@ class InceptionFeatures:
         return features
 
 
-def checked_image_batches(batches: Iterable[torch.Tensor], on_first_shape=None) -> Iterator[torch.Tensor]:
+def checked_image_batches(batches: Iterable[torch.Tensor], on_first_shape) -> Iterator[torch.Tensor]:
     """Pass uint8 ``[B, C, H, W]`` batches through, refusing other types and a change of image shape.
 
     ``on_first_shape((C, H, W))`` is called before the first batch is passed on (to check it early).
@@ -159,8 +155,7 @@ def checked_image_batches(batches: Iterable[torch.Tensor], on_first_shape=None) 
         shape = tuple(int(s) for s in batch.shape[1:])
         if first_shape is None:
             first_shape = shape
-            if on_first_shape is not None:
-                on_first_shape(shape)
+            on_first_shape(shape)
         elif shape != first_shape:
             raise DistillKacError(f"images: all images must share one shape; got {list(first_shape)} and "
                                   f"then {list(shape)}")
@@ -169,11 +164,8 @@ def checked_image_batches(batches: Iterable[torch.Tensor], on_first_shape=None) 
 
 def feature_stats(batches: Iterable[torch.Tensor], extractor, progress: bool = True,
                   total: int | None = None, desc: str = "Inception features") -> GaussianStats:
-    """Gaussian statistics of ``extractor`` features over uint8 image batches, streamed in float64.
-
-    ``extractor`` maps a batch to features ``[B, D]`` (an InceptionFeatures); ``total`` is the number
-    of images, for the progress bar only.
-    """
+    """Gaussian statistics of ``extractor`` features ``[B, D]`` of uint8 image batches, streamed in float64
+    (``total``: the number of images, for the progress bar only)."""
     moments = Moments.empty()
     with tqdm(total=total, desc=desc, unit="img", disable=not progress) as bar:
         for batch in batches:
@@ -267,6 +259,7 @@ def save_reference(path: str | os.PathLike, stats: GaussianStats, meta: dict[str
              meta=np.array(json.dumps(full_meta, sort_keys=True)))
     atomic_write_bytes(Path(path), buffer.getvalue())
     return full_meta
+
 
 def load_reference(path: str | os.PathLike) -> Reference:
     """Read and verify reference statistics written by ``save_reference`` (no pickles are loaded)."""

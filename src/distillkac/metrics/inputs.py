@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from distillkac.data import DataConfig, InMemoryDataset, inspect_images, load_dataset
-from distillkac.data.images import CIFAR10_TEST_BATCHES, CIFAR10_TRAIN_BATCHES
+from distillkac.data.images import find_cifar_batches
 from distillkac.errors import DistillKacError
 from distillkac.npz import read_npz
 from distillkac.sampling import IMAGES_DIR, SAMPLES_FILE
@@ -44,12 +44,9 @@ def image_file_batches(path: str | os.PathLike, batch_size: int, channels: int =
     if not source.exists():
         raise DistillKacError(f"{option}: {source} does not exist")
     if source.is_dir():
-        written = sample_output(source)
-        if written is None:
+        source = sample_output(source) or source
+        if source.is_dir():
             return _folder_batches(source, batch_size, channels, option)
-        if written.is_dir():
-            return _folder_batches(written, batch_size, channels, option)
-        source = written
     images = torch.from_numpy(np.ascontiguousarray(read_npz_images(source, option)))
     return images.shape[0], (images[i:i + batch_size] for i in range(0, images.shape[0], batch_size))
 
@@ -123,8 +120,7 @@ def infer_source(path: str | os.PathLike) -> tuple[str, Path]:
         return ("npz" if written.is_file() else "folder"), written
     if path.suffix.lower() == ".npz" and path.is_file():
         return "npz", path
-    batches = CIFAR10_TRAIN_BATCHES + CIFAR10_TEST_BATCHES
-    if any((folder / name).is_file() for folder in (path, path / "cifar-10-batches-py") for name in batches):
+    if find_cifar_batches(path) is not None:
         return "cifar10", path
     return "folder", path
 

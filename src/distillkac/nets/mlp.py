@@ -8,26 +8,22 @@ LayerNorm -> SiLU -> a zero-initialised linear output layer (a fresh network pre
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from distillkac.errors import DistillKacError
+from distillkac.fields import require
 from distillkac.nets.unet import (
+    TIME_SCALE,
     ConditionEmbedding,
     ConfiguredNetwork,
     JsonConfig,
     check_conditioning,
     initialise_parameters,
 )
-
-
-def _positive_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 @dataclass
@@ -39,27 +35,14 @@ class MLPConfig(JsonConfig):
     hidden: int = 256
     depth: int = 4
     num_classes: int = 0
-    time_scale: float = 1000.0
+    time_scale: float = TIME_SCALE
     dropout: float = 0.0
 
     def validate(self) -> None:
         """Raise DistillKacError (one line, naming the field) for a config that cannot build an MLP."""
-        checks = [
-            (self.kind == "mlp", "kind", "must be 'mlp'", self.kind),
-            (_positive_int(self.dim), "dim", "must be a positive integer", self.dim),
-            (_positive_int(self.hidden), "hidden", "must be a positive integer", self.hidden),
-            (_positive_int(self.depth), "depth", "must be a positive integer", self.depth),
-            (isinstance(self.num_classes, int) and not isinstance(self.num_classes, bool)
-             and self.num_classes >= 0, "num_classes", "must be an integer >= 0 (0 = unconditional)",
-             self.num_classes),
-            (isinstance(self.time_scale, int | float) and math.isfinite(self.time_scale)
-             and self.time_scale > 0, "time_scale", "must be a positive number", self.time_scale),
-            (isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0, "dropout",
-             "must be in [0, 1)", self.dropout),
-        ]
-        for ok, name, rule, value in checks:
-            if not ok:
-                raise DistillKacError(f"MLPConfig.{name}: {rule}, got {value!r}")
+        require(self.kind == "mlp", "MLPConfig.kind", "must be 'mlp'", self.kind)
+        self._require_positive_ints("dim", "hidden", "depth")
+        self._validate_conditioning()
 
     @property
     def data_shape(self) -> tuple[int]:

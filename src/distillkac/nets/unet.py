@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,15 +28,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkac.errors import DistillKacError
-from distillkac.fields import dataclass_from_dict
+from distillkac.fields import dataclass_from_dict, is_int, require
 from distillkac.rng import fresh_generator
 
 MAX_PERIOD = 10_000.0
 """Longest period of the sinusoidal time features (in scaled time units)."""
+TIME_SCALE = 1000.0
+"""The networks' default ``time_scale``: ``1000/T`` for ``T = 1`` (see :func:`sinusoidal_embedding`)."""
 
 
 class JsonConfig:
-    """JSON round trip of a network config dataclass (which defines ``validate``)."""
+    """JSON round trip of a network config dataclass (which defines ``validate``), and the checks of the
+    fields every network config has."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -48,10 +51,19 @@ class JsonConfig:
         config.validate()
         return config
 
+    def _require_positive_ints(self, *fields: str) -> None:
+        for field in fields:
+            value = getattr(self, field)
+            require(is_int(value) and value > 0, f"{type(self).__name__}.{field}", "must be a positive integer", value)
 
-def _require(condition: bool, message: str) -> None:
-    if not condition:
-        raise DistillKacError(message)
+    def _validate_conditioning(self) -> None:
+        name = type(self).__name__
+        require(isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0, f"{name}.dropout",
+                "must be in [0, 1)", self.dropout)
+        require(is_int(self.num_classes) and self.num_classes >= 0, f"{name}.num_classes",
+                "must be an integer >= 0 (0 = unconditional)", self.num_classes)
+        require(isinstance(self.time_scale, int | float) and math.isfinite(self.time_scale) and self.time_scale > 0,
+                f"{name}.time_scale", "must be a positive number", self.time_scale)
 
 
 #: Which layers start at exactly zero: the output conv only, or also the last layer of every residual
@@ -74,7 +86,7 @@ class UNetConfig(JsonConfig):
     dropout: float = 0.1
     num_classes: int = 10
     num_heads: int = 4
-    time_scale: float = 1000.0
+    time_scale: float = TIME_SCALE
     groups: int = 32
     zero_init: str = "output"
 
@@ -88,55 +100,41 @@ class UNetConfig(JsonConfig):
     def validate(self) -> None:
         """Raise DistillKacError (one line, naming the field) for a config that cannot build a UNet."""
         name = "UNetConfig"
-        _require(self.kind == "unet", f"{name}.kind: must be 'unet', got {self.kind!r}")
-        _require(_is_int(self.image_channels) and self.image_channels > 0,
-                 f"{name}.image_channels: must be a positive integer, got {self.image_channels!r}")
-        _require(_is_int(self.model_channels) and self.model_channels > 0,
-                 f"{name}.model_channels: must be a positive integer, got {self.model_channels!r}")
-        _require(isinstance(self.channel_mult, tuple) and len(self.channel_mult) > 0
-                 and all(_is_int(m) and m > 0 for m in self.channel_mult),
-                 f"{name}.channel_mult: must be a non-empty tuple of positive integers, "
-                 f"got {self.channel_mult!r}")
-        _require(_is_int(self.num_res_blocks) and self.num_res_blocks > 0,
-                 f"{name}.num_res_blocks: must be a positive integer, got {self.num_res_blocks!r}")
+        require(self.kind == "unet", f"{name}.kind", "must be 'unet'", self.kind)
+        self._require_positive_ints("image_channels", "model_channels")
+        require(isinstance(self.channel_mult, tuple) and len(self.channel_mult) > 0
+                and all(is_int(m) and m > 0 for m in self.channel_mult),
+                f"{name}.channel_mult", "must be a non-empty tuple of positive integers", self.channel_mult)
+        self._require_positive_ints("num_res_blocks")
         factor = 2 ** (len(self.channel_mult) - 1)
-        _require(_is_int(self.resolution) and self.resolution > 0 and self.resolution % factor == 0,
-                 f"{name}.resolution: must be a positive multiple of 2**(len(channel_mult)-1) = {factor}, "
-                 f"got {self.resolution!r}")
-        _require(isinstance(self.attn_resolutions, tuple) and all(_is_int(r) for r in self.attn_resolutions),
-                 f"{name}.attn_resolutions: must be a tuple of integers, got {self.attn_resolutions!r}")
+        require(is_int(self.resolution) and self.resolution > 0 and self.resolution % factor == 0,
+                f"{name}.resolution", f"must be a positive multiple of 2**(len(channel_mult)-1) = {factor}",
+                self.resolution)
+        require(isinstance(self.attn_resolutions, tuple) and all(is_int(r) for r in self.attn_resolutions),
+                f"{name}.attn_resolutions", "must be a tuple of integers", self.attn_resolutions)
         missing = sorted(set(self.attn_resolutions) - set(self.feature_resolutions()))
-        _require(not missing, f"{name}.attn_resolutions: {missing} never occur; the feature-map resolutions "
-                              f"are {list(self.feature_resolutions())}")
-        _require(isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0,
-                 f"{name}.dropout: must be in [0, 1), got {self.dropout!r}")
-        _require(_is_int(self.num_classes) and self.num_classes >= 0,
-                 f"{name}.num_classes: must be an integer >= 0 (0 = unconditional), got {self.num_classes!r}")
-        _require(isinstance(self.time_scale, int | float) and math.isfinite(self.time_scale)
-                 and self.time_scale > 0,
-                 f"{name}.time_scale: must be a positive number, got {self.time_scale!r}")
-        _require(_is_int(self.groups) and self.groups > 0,
-                 f"{name}.groups: must be a positive integer, got {self.groups!r}")
+        if missing:
+            raise DistillKacError(f"{name}.attn_resolutions: {missing} never occur; the feature-map resolutions "
+                                  f"are {list(self.feature_resolutions())}")
+        self._validate_conditioning()
+        self._require_positive_ints("groups")
         bad = [c for c in self.level_channels() if c % self.groups]
-        _require(not bad, f"{name}.groups: {self.groups} must divide every channel count "
-                          f"{list(self.level_channels())}; it does not divide {bad}")
-        _require(self.zero_init in ZERO_INITS,
-                 f"{name}.zero_init: must be one of {', '.join(ZERO_INITS)}, got {self.zero_init!r}")
-        _require(_is_int(self.num_heads) and self.num_heads > 0,
-                 f"{name}.num_heads: must be a positive integer, got {self.num_heads!r}")
+        if bad:
+            raise DistillKacError(f"{name}.groups: {self.groups} must divide every channel count "
+                                  f"{list(self.level_channels())}; it does not divide {bad}")
+        require(self.zero_init in ZERO_INITS, f"{name}.zero_init", f"must be one of {', '.join(ZERO_INITS)}",
+                self.zero_init)
+        self._require_positive_ints("num_heads")
         attn_channels = [c for c, r in zip(self.level_channels(), self.feature_resolutions())
                          if r in self.attn_resolutions] + [self.level_channels()[-1]]
         bad = [c for c in attn_channels if c % self.num_heads]
-        _require(not bad, f"{name}.num_heads: {self.num_heads} must divide the channels of every attention "
-                          f"layer {attn_channels}; it does not divide {bad}")
+        if bad:
+            raise DistillKacError(f"{name}.num_heads: {self.num_heads} must divide the channels of every attention "
+                                  f"layer {attn_channels}; it does not divide {bad}")
 
     @property
     def data_shape(self) -> tuple[int, int, int]:
         return (self.image_channels, self.resolution, self.resolution)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -225,26 +223,14 @@ def initialise_parameters(model: nn.Module, generator: torch.Generator,
         raise RuntimeError(f"initialise_parameters: no initialiser for {left}")
 
 
-def build_on(device: torch.device | str | None, generator: torch.Generator | None,
-             build: Callable[[], None], init: Callable[[torch.Generator], None], module: nn.Module) -> None:
-    """Create ``module``'s layers on the meta device, then allocate them on ``device`` and initialise.
+class ConfiguredNetwork(nn.Module):
+    """Base of the velocity networks: validates ``config`` and keeps it with ``num_classes``, ``null_label``
+    (= ``num_classes``) and ``data_shape``, then creates the layers (``_build``) on the meta device and
+    allocates them on ``device`` and draws them from ``generator`` (``reset_parameters``).
 
     Building on meta skips PyTorch's default initialisation (which draws from the global RNG); with
     ``device="meta"`` nothing is allocated at all (used to count the parameters of huge configs).
     """
-    with torch.device("meta"):
-        build()
-    target = torch.device(device if device is not None else "cpu")
-    if target.type == "meta":
-        return
-    module.to_empty(device=target)
-    init(generator if generator is not None else fresh_generator(target))
-
-
-class ConfiguredNetwork(nn.Module):
-    """Base of the velocity networks: validates ``config`` and keeps it with ``num_classes``, ``null_label``
-    (= ``num_classes``) and ``data_shape``, then builds the layers (``_build``) on meta and initialises them
-    on ``device`` from ``generator`` (``reset_parameters``; see build_on)."""
 
     def __init__(self, config: Any, generator: torch.Generator | None = None,
                  device: torch.device | str | None = None) -> None:
@@ -254,7 +240,12 @@ class ConfiguredNetwork(nn.Module):
         self.num_classes = config.num_classes
         self.null_label = config.num_classes
         self.data_shape = config.data_shape
-        build_on(device, generator, self._build, self.reset_parameters, self)
+        with torch.device("meta"):
+            self._build()
+        target = torch.device(device if device is not None else "cpu")
+        if target.type != "meta":
+            self.to_empty(device=target)
+            self.reset_parameters(generator if generator is not None else fresh_generator(target))
 
     def _build(self) -> None:
         """Create the layers (called under ``torch.device("meta")``); each network defines its own."""
