@@ -76,13 +76,22 @@ def test_report_files_exist_and_findings_are_computed(demo):
     for picture in pictures:
         assert (outdir / picture).is_file() and (outdir / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     claims = report["findings"]
-    assert len(claims) == 1 + (len(TINY.plan) - 1) + 2  # degradation, one per student step count, velocity x2
+    # degradation, the converged teacher, one per student step count, velocity x2
+    assert len(claims) == 1 + 1 + (len(TINY.plan) - 1) + 2
+    converged = claims[1]["difference"]
+    long, short = (next(r for r in report["rows"] if r["model"] == "kac-teacher" and r["solver"] == "ab2"
+                        and r["steps"] == steps) for steps in (TINY.plan[0], TINY.plan[1] // 2))
+    assert converged["mean"] == pytest.approx(long["values"]["fd_digits"] - short["values"]["fd_digits"], abs=1e-9)
     for claim in claims:
         assert isinstance(claim["holds"], bool) and re.search(r"\d\.\d{3}", claim["text"])
         assert claim["text"] in text
     student = next(r for r in report["rows"] if r["model"] == "stage-1step")
     assert f"{student['values']['fd_digits']:.3f}" in claims[-3]["text"]
     assert set(report["timings"]) >= {"train_teacher", "train_flow", "train_vp", "distill"}
+    cost = report["distillation_cost"]
+    assert [(s["teacher_steps"], s["student_steps"], s["optimiser_steps"]) for s in cost] == \
+        list(zip(TINY.plan, TINY.plan[1:], TINY.distill_steps))
+    assert all(s["seconds"] > 0 and f"| {s['seconds']:.1f} |" in text for s in cost)
     assert report["environment"]["torch"] and report["date_utc"]
     assert report["configs"]["teacher"]["train"]["steps"] == TINY.train_steps
 

@@ -104,9 +104,10 @@ class DemoBudget:
 
 
 BUDGETS: dict[str, DemoBudget] = {
-    # About 10-15 minutes on 2 quiet CPU cores (two single-thread worker processes).
+    # About 5 minutes on 2 quiet CPU cores (two single-thread worker processes); 8 seed blocks, because 4
+    # left gaps of 1-2 fd_digits between students and teacher unresolved.
     "full": DemoBudget("full", plan=(100, 20, 4, 2, 1), train_steps=500, train_batch=128,
-                       distill_steps=(80, 200, 300, 300), distill_batch=64, eval_samples=100, eval_blocks=4,
+                       distill_steps=(80, 200, 300, 300), distill_batch=64, eval_samples=100, eval_blocks=8,
                        grid_samples=50, profile_samples=100, closeness_samples=100, preview_steps=100, calibrate=True),
     # About 3 minutes: the whole pipeline, too short to learn digits well.
     "quick": DemoBudget("quick", plan=(100, 20, 4, 2, 1), train_steps=150, train_batch=64,

@@ -115,7 +115,8 @@ def findings(rows: Sequence[dict[str, Any]], plan: Sequence[int], profiles: dict
     """The claims the demo checks, each as numbers and a verdict computed from this run: the comparisons
     of rows by paired differences over the seed blocks (``distillkac.stats``), the velocity claims from
     the measured profiles."""
-    return [_degradation(rows, plan), *_equal_nfe(rows, plan), *_velocity(profiles, targets, kac_bound)]
+    return [_degradation(rows, plan), *_converged_teacher(rows, plan), *_equal_nfe(rows, plan),
+            *_velocity(profiles, targets, kac_bound)]
 
 
 def _claim(claim: str, result: str, text: str, **details: Any) -> dict[str, Any]:
@@ -157,6 +158,22 @@ def _degradation(rows: Sequence[dict[str, Any]], plan: Sequence[int]) -> dict[st
                   student_fd_digits=dict(zip(map(str, plan[1:]), fds)), teacher_accuracy=_acc(teacher),
                   teacher_fd_digits=_fd(teacher), accuracy_difference=drop.to_dict(),
                   fd_growth_difference=growth.to_dict())
+
+
+def _converged_teacher(rows: Sequence[dict[str, Any]], plan: Sequence[int]) -> list[dict[str, Any]]:
+    """The first student is trained to reproduce the teacher's ``plan[0]``-step solve; at its NFE it meets
+    the same teacher at ``plan[1] / 2`` AB-2 steps. When that short solve scores better than the long one
+    (fd_digits of the long minus the short above 0), no student that imitates the long solve can win there.
+    Empty when the plan has no such short solve (an odd second step count)."""
+    long, short = _lookup(rows, "teacher-ab2", plan[0]), _lookup(rows, "teacher-ab2", plan[1] // 2)
+    if short is None:
+        return []
+    difference = paired_rows(long, short, FD)
+    text = (f"fd_digits {_title(long)} {_fd(long):.3f} vs {_title(short)} {_fd(short):.3f}; paired difference "
+            f"long minus short {difference.describe(3, signed=True)} (holds when the interval lies below 0).")
+    return [_claim(f"the guided teacher's {plan[0]}-step solve, which the {plan[1]}-step student learns, scores "
+                   f"better than its own {short['steps']}-step solve at the student's NFE",
+                   verdict(difference, "below"), text, difference=difference.to_dict())]
 
 
 def _equal_nfe(rows: Sequence[dict[str, Any]], plan: Sequence[int]) -> list[dict[str, Any]]:
@@ -305,12 +322,15 @@ def build_report(outdir: Path, budget: dict[str, Any], parts: dict[str, dict[str
     goals = quality_targets(rows, budget["plan"], claims)
     timings = {name: {"seconds": item["seconds"], "reused": item["reused"], "finished_utc": item["finished_utc"]}
                for name, item in parts.items()}
+    stage_cost = [{**stage, "teacher_steps": budget["plan"][stage["stage"] - 1],
+                   "optimiser_steps": budget["distill_steps"][stage["stage"] - 1]}
+                  for stage in parts["distill"]["stages"]]
     report = {
         "format": REPORT_FORMAT, "version": REPORT_VERSION, "date_utc": utc_now(),
         "budget": budget,
         "guidance": GUIDANCE, "seed": SEED, "eval_precision": EVAL_PRECISION, "execution": execution,
         "thread_calibration": calibration,
-        "environment": environment_record(), "timings": timings,
+        "environment": environment_record(), "timings": timings, "distillation_cost": stage_cost,
         "wall_seconds_this_run": round(time.perf_counter() - start, 2),
         "configs": {"teacher": parts["train_teacher"]["config"], "flow": parts["train_flow"]["config"],
                     "vp": parts["train_vp"]["config"], "distill": parts["distill"]["settings"]},
@@ -388,6 +408,8 @@ def render_report(report: dict[str, Any]) -> str:
         f"{distill['start_states']}.", "",
         "| part | what | seconds | when |", "|---|---|---:|---|",
         *[_part_line(name, timing, _part_description(name)) for name, timing in report["timings"].items()], "",
+        *_stage_cost_lines(report["distillation_cost"], report["timings"]["train_teacher"]["seconds"],
+                           distill["train"]["batch"]),
     ]
     calibration = report["thread_calibration"]
     if calibration:
@@ -397,6 +419,19 @@ def render_report(report: dict[str, Any]) -> str:
                   + f" (load average {calibration['load_average']}); the demo runs {execution['jobs']} processes "
                   f"with {execution['threads_per_process']} thread(s) each.", ""]
     return "\n".join(lines)
+
+
+def _stage_cost_lines(stages: Sequence[dict[str, Any]], teacher_seconds: float, batch: int) -> list[str]:
+    """The distillation's wall time per stage (training, the trajectory pool's teacher roll-outs and the
+    path-closeness check), each also as a share of the teacher's training time."""
+    total = sum(stage["seconds"] for stage in stages)
+    return ["Distillation cost per stage (wall seconds of the stage: student training with its teacher's "
+            f"targets and roll-outs, then the path-closeness check; batch {batch}); all stages together "
+            f"{total:.0f} s = {total / teacher_seconds:.2f} x the teacher's training time:", "",
+            "| stage | teacher -> student steps | optimiser steps | seconds | x teacher training |",
+            "|---:|---|---:|---:|---:|",
+            *[f"| {s['stage']} | {s['teacher_steps']} -> {s['student_steps']} | {s['optimiser_steps']} | "
+              f"{s['seconds']:.1f} | {s['seconds'] / teacher_seconds:.2f} |" for s in stages], ""]
 
 
 def _part_description(name: str) -> str:
