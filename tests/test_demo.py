@@ -6,6 +6,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 import time
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def test_report_has_every_row_with_sane_finite_metrics(demo):
         for key, bound in (("fd_digits", 1e5), ("fd_pixels", 1e4)):
             assert math.isfinite(values[key]) and 0.0 <= values[key] < bound, (key, row)
         assert values["num_samples"] == TINY.eval_samples
-        expected_nfe = row["steps"] if row["kind"] == "student" else 2 * row["steps"]  # guidance w=1: 2 per step
+        expected_nfe = row["steps"] if row["kind"] == "student" else 2 * row["steps"]  # guided: 2 per step
         assert row["nfe"] == expected_nfe
 
 
@@ -121,6 +122,27 @@ def test_rows_have_seed_blocks_and_claims_have_paired_verdicts(demo):
               for s, t in zip(student["per_block"], teacher["per_block"])]
     assert within["factor"] == 1.05 and within["difference"]["mean"] == pytest.approx(sum(blocks) / len(blocks))
     assert len(report["targets"]) == 5
+
+
+def test_more_blocks_reevaluate_and_reuse_the_trained_models(demo, tmp_path, monkeypatch):
+    outdir, first, _, _ = demo
+    copy = tmp_path / "out"
+    shutil.copytree(outdir, copy)
+    monkeypatch.setenv("DISTILLKAC_CACHE", str(tmp_path / "cache"))
+    blocks = TINY.eval_blocks + 1
+    assert main(["demo", "--outdir", str(copy), "--budget", "tiny", "--jobs", "1", "--blocks", str(blocks)]) == 0
+    report = json.loads((copy / REPORT_JSON).read_text())
+    assert report["budget"]["eval_blocks"] == blocks and all(row["blocks"] == blocks for row in report["rows"])
+    assert {name for name, timing in report["timings"].items() if timing["reused"]} == \
+        {"train_teacher", "train_flow", "train_vp", "distill", "velocity_teacher", "velocity_flow", "velocity_vp"}
+    old_blocks = {(r["model"], r["solver"], r["steps"]): r["per_block"] for r in first["rows"]}
+    for row in report["rows"]:  # the first blocks are the same seeds and labels, so the same values
+        assert row["per_block"][:TINY.eval_blocks] == old_blocks[(row["model"], row["solver"], row["steps"])]
+
+
+def test_blocks_below_two_are_refused(tmp_path, capsys):
+    assert main(["demo", "--outdir", str(tmp_path / "out"), "--budget", "tiny", "--blocks", "1"]) == 2
+    assert "--blocks: intervals need at least 2 seed blocks, got 1" in capsys.readouterr().err
 
 
 def test_eval_steps_add_half_of_each_student_step_count():

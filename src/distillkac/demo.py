@@ -193,9 +193,9 @@ def _weights(directory: Path) -> str:
     return read_artifact_meta(Artifact.locate(directory))["weights_sha256"]
 
 
-def train_part(outdir: str, budget_name: str, model_key: str) -> dict[str, Any]:
+def train_part(outdir: str, budget: DemoBudget, model_key: str) -> dict[str, Any]:
     """Train the Kac teacher or a baseline (``model_key``) into its run directory."""
-    budget, model = get_budget(budget_name), _model(model_key)
+    model = _model(model_key)
     run_dir = Path(outdir) / model.directory
     config = train_config(budget, model)
 
@@ -207,9 +207,8 @@ def train_part(outdir: str, budget_name: str, model_key: str) -> dict[str, Any]:
     return {**record, "config": config.to_dict(), "weights_sha256": _weights(run_dir)}
 
 
-def distill_part(outdir: str, budget_name: str) -> dict[str, Any]:
+def distill_part(outdir: str, budget: DemoBudget) -> dict[str, Any]:
     """Distil the teacher through the plan into ``distill/stage-<M>step``."""
-    budget = get_budget(budget_name)
     out = Path(outdir) / DISTILL_DIR
     settings = distill_settings(budget)
     teacher = Path(outdir) / TEACHER_DIR
@@ -255,16 +254,16 @@ def eval_steps(plan: tuple[int, ...]) -> list[int]:
     return sorted(set(plan) | {steps // 2 for steps in plan[1:] if steps % 2 == 0}, reverse=True)
 
 
-def eval_part(outdir: str, budget_name: str, task: EvalTask) -> dict[str, Any]:
+def eval_part(outdir: str, budget: DemoBudget, task: EvalTask) -> dict[str, Any]:
     """Evaluate ``task``'s models at every step count of ``eval_steps`` (students: their own) on the budget's
     seed blocks in fp32, and draw a PNG grid of the first ``grid_samples`` images of every row (the seeds
     and labels of the first block)."""
-    budget, root = get_budget(budget_name), Path(outdir)
+    root = Path(outdir)
     out = root / EVAL_DIR / task.name
     checkpoints = [str(root / c) for c in task.checkpoints]
     steps = eval_steps(budget.plan)
     protocol = {"steps": steps, "num": budget.eval_samples, "blocks": budget.eval_blocks, "seed": SEED,
-                "precision": EVAL_PRECISION}
+                "precision": EVAL_PRECISION, "guidance": GUIDANCE}
     inputs = {**{c: _weights(root / c) for c in task.checkpoints}, "protocol": json.dumps(protocol)}
 
     def work() -> dict[str, Any]:
@@ -293,11 +292,11 @@ def _draw_grid(root: Path, row: dict[str, Any], budget: DemoBudget) -> str:
     return relative
 
 
-def profile_part(outdir: str, budget_name: str, model_key: str) -> dict[str, Any]:
+def profile_part(outdir: str, budget: DemoBudget, model_key: str) -> dict[str, Any]:
     """The velocity along ``model``'s sampling trajectories: RMS and max |u| per coordinate per step, with the
     teacher's step count on the quadratic grid (last evaluation at ``T/steps²``, close to the data), the
     model's own solver and the demo's guidance."""
-    budget, model, root = get_budget(budget_name), _model(model_key), Path(outdir)
+    model, root = _model(model_key), Path(outdir)
     directory = root / DIAGNOSTICS_DIR / f"velocity-{model.key}"
 
     def work() -> dict[str, Any]:
@@ -309,7 +308,7 @@ def profile_part(outdir: str, budget_name: str, model_key: str) -> dict[str, Any
         return {"model": model.key, "profile": profile, "steps": budget.plan[0], "solver": model.solver,
                 "samples": count}
 
-    inputs = {model.key: _weights(root / model.directory), "grid": PROFILE_GRID}
+    inputs = {model.key: _weights(root / model.directory), "grid": PROFILE_GRID, "guidance": str(GUIDANCE)}
     return _run_part(f"velocity {model.label}", directory, inputs, work)
 
 
@@ -317,18 +316,17 @@ def profile_part(outdir: str, budget_name: str, model_key: str) -> dict[str, Any
 
 def demo_jobs(root: str, budget: DemoBudget) -> list[Job]:
     """Every part of the demo in priority order, with its dependencies."""
-    name = budget.name
     evals = {task.name: task for task in eval_tasks(budget, Path(root))}
-    return [Job("train_teacher", train_part, (root, name, TEACHER.key)),
-            Job("train_flow", train_part, (root, name, FLOW.key)),
-            Job("distill", distill_part, (root, name), ("train_teacher",)),
-            Job("train_vp", train_part, (root, name, VP.key)),
-            Job("eval_teacher-ab2", eval_part, (root, name, evals["teacher-ab2"]), ("train_teacher",)),
-            Job("eval_teacher-euler", eval_part, (root, name, evals["teacher-euler"]), ("train_teacher",)),
-            Job("eval_flow-euler", eval_part, (root, name, evals["flow-euler"]), ("train_flow",)),
-            Job("eval_vp-ddim", eval_part, (root, name, evals["vp-ddim"]), ("train_vp",)),
-            Job("eval_students", eval_part, (root, name, evals["students"]), ("distill",)),
-            *[Job(f"velocity_{m.key}", profile_part, (root, name, m.key), (f"train_{m.key}",)) for m in TRAINED]]
+    return [Job("train_teacher", train_part, (root, budget, TEACHER.key)),
+            Job("train_flow", train_part, (root, budget, FLOW.key)),
+            Job("distill", distill_part, (root, budget), ("train_teacher",)),
+            Job("train_vp", train_part, (root, budget, VP.key)),
+            Job("eval_teacher-ab2", eval_part, (root, budget, evals["teacher-ab2"]), ("train_teacher",)),
+            Job("eval_teacher-euler", eval_part, (root, budget, evals["teacher-euler"]), ("train_teacher",)),
+            Job("eval_flow-euler", eval_part, (root, budget, evals["flow-euler"]), ("train_flow",)),
+            Job("eval_vp-ddim", eval_part, (root, budget, evals["vp-ddim"]), ("train_vp",)),
+            Job("eval_students", eval_part, (root, budget, evals["students"]), ("distill",)),
+            *[Job(f"velocity_{m.key}", profile_part, (root, budget, m.key), (f"train_{m.key}",)) for m in TRAINED]]
 
 
 # ---------------------------------------------------------------------------------- the directory
@@ -396,10 +394,15 @@ class DemoResult:
 
 
 def run_demo(outdir: str | os.PathLike, budget: DemoBudget | str = "full", *, fresh: bool = False,
-             jobs: int | None = None, threads: int = 1) -> DemoResult:
-    """Run (or resume) the whole demo into ``outdir``; returns the report (also written to disk)."""
+             jobs: int | None = None, threads: int = 1, blocks: int | None = None) -> DemoResult:
+    """Run (or resume) the whole demo into ``outdir``; returns the report (also written to disk).
+    ``blocks`` replaces the budget's seed-block count (only the evaluations rerun)."""
     start = time.perf_counter()
     budget = get_budget(budget) if isinstance(budget, str) else budget
+    if blocks is not None:
+        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 2:
+            raise DistillKacError(f"--blocks: intervals need at least 2 seed blocks, got {blocks!r}")
+        budget = dataclasses.replace(budget, eval_blocks=blocks)
     jobs = min(2, os.cpu_count() or 1) if jobs is None else jobs
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
         raise DistillKacError(f"--jobs: must be a positive integer, got {jobs!r}")
