@@ -257,7 +257,7 @@ def test_fid_rows_stream_batches_into_the_statistics(tmp_path, monkeypatch):
     assert PixelFeatures.batch_sizes == [4, 4, 2] * 8  # generated batches go straight to the features
     assert {(r["steps"], r["solver"], r["guidance"]): r["nfe"] for r in rows}[(2, "heun", 1.5)] == 8
     for row in rows:
-        samples = sample_artifact(tmp_path / "unet", seeds=range(10), labels=torch.arange(10) % 3,
+        samples = sample_artifact(tmp_path / "unet", seeds=range(10), labels=torch.arange(10) % 3, batch_size=4,
                                   steps=row["steps"], solver=row["solver"], guidance=row["guidance"]).samples
         images = metrics.to_uint8(samples)
         stats = metrics.GaussianStats.from_features(images.flatten(1).double())
