@@ -104,12 +104,12 @@ class DemoBudget:
 
 
 BUDGETS: dict[str, DemoBudget] = {
-    # About 5 minutes on 2 quiet CPU cores (two single-thread worker processes); 8 seed blocks, because 4
-    # left gaps of 1-2 fd_digits between students and teacher unresolved.
+    # About 5 minutes on 2 quiet CPU cores (281 s measured; two single-thread worker processes); 8 seed
+    # blocks, because 4 left gaps of 1-2 fd_digits between students and teacher unresolved.
     "full": DemoBudget("full", plan=(100, 20, 4, 2, 1), train_steps=500, train_batch=128,
                        distill_steps=(80, 200, 300, 300), distill_batch=64, eval_samples=100, eval_blocks=8,
                        grid_samples=50, profile_samples=100, closeness_samples=100, preview_steps=100, calibrate=True),
-    # About 3 minutes: the whole pipeline, too short to learn digits well.
+    # About 1 minute on 2 quiet cores (53 s measured): the whole pipeline, too short to learn digits well.
     "quick": DemoBudget("quick", plan=(100, 20, 4, 2, 1), train_steps=150, train_batch=64,
                         distill_steps=(20, 40, 40, 40), distill_batch=32, eval_samples=40, eval_blocks=3,
                         grid_samples=20, profile_samples=32, closeness_samples=32, preview_steps=20, calibrate=True),

@@ -22,7 +22,7 @@ def register(subparsers) -> None:
     add_output(parser, "--outdir", "demo directory (created; rerun to reuse finished parts; any other non-empty "
                                    "directory is refused)", required=True)
     parser.add_argument("--quick", action="store_true",
-                        help="a short budget (about 3 minutes on 2 cores): checks the pipeline, learns little")
+                        help="a short budget (about 1 minute on 2 cores): checks the pipeline, learns little")
     parser.add_argument("--budget", choices=list(BUDGETS), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--fresh", action="store_true",
                         help="delete the demo's earlier parts in --outdir first (nothing else is touched)")
