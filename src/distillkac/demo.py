@@ -104,9 +104,10 @@ class DemoBudget:
 
 
 BUDGETS: dict[str, DemoBudget] = {
-    # About 5 minutes on 2 quiet CPU cores (281 s measured; two single-thread worker processes); 8 seed
-    # blocks, because 4 left gaps of 1-2 fd_digits between students and teacher unresolved.
-    "full": DemoBudget("full", plan=(100, 20, 4, 2, 1), train_steps=500, train_batch=128,
+    # About 5.5 minutes on 2 quiet CPU cores (319 s measured; two single-thread worker processes). 800
+    # training steps, the digits preset's own length (with 500 the teacher's 10-step solve beat its 100-step
+    # one); 8 seed blocks, because 4 left gaps of 1-2 fd_digits between students and teacher unresolved.
+    "full": DemoBudget("full", plan=(100, 20, 4, 2, 1), train_steps=800, train_batch=128,
                        distill_steps=(80, 200, 300, 300), distill_batch=64, eval_samples=100, eval_blocks=8,
                        grid_samples=50, profile_samples=100, closeness_samples=100, preview_steps=100, calibrate=True),
     # About 1 minute on 2 quiet cores (53 s measured): the whole pipeline, too short to learn digits well.
