@@ -119,7 +119,8 @@ def factor_cells(factor: str, base_teacher: tuple[tuple[str, Any], ...], budget:
                         for a in KAC_A for c in KAC_C],
         "g_schedule": lambda: [teacher("g = quadratic", **{"path.g_schedule": "quadratic"})],
         "f_schedule": lambda: [teacher("f = cosine", **{"path.schedule": "cosine"})],
-        "guidance": lambda: [Cell(factor, f"w = {w:g}", teacher=t, guidance=w) for w in (0.0, 0.5, 2.0, 3.0)],
+        "guidance": lambda: [Cell(factor, f"w = {w:g}", teacher=t, guidance=w)
+                             for w in (0.0, 0.25, 0.5, 1.0, 2.0, 3.0) if w != GUIDANCE],
         "ema": lambda: [teacher(f"EMA half-life {h:,} images", **{"train.ema_halflife_images": h})
                         for h in (5_000, 80_000)],
         "init": lambda: [teacher("zero-init residual branches (ADM/EDM)", **{"net.zero_init": "residual"})],

@@ -105,7 +105,7 @@ def comma_list(parse: Callable[[str], Any], what: str) -> Callable[[str], list]:
         except ValueError as err:
             raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from err
         if not values:
-            raise argparse.ArgumentTypeError(f"expected at least one of {what}")
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got none")
         return values
 
     return parse_list

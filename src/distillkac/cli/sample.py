@@ -36,7 +36,7 @@ def register(subparsers) -> None:
     parser.add_argument("--num", type=int, default=64, help="number of samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the first sample (then S+1, ...)")
     parser.add_argument("--batch", type=int, default=256, help="samples per forward pass")
-    parser.add_argument("--class", dest="classes", type=comma_list(int, "integers"), default=None,
+    parser.add_argument("--class", dest="classes", type=comma_list(int, "class integers"), default=None,
                         help="class or comma-separated classes to cycle through (default: all classes)")
     parser.add_argument("--nrow", type=int, default=None, help="images per grid row (default: about sqrt(num))")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
