@@ -31,8 +31,9 @@ from typing import Any
 
 import torch
 
-from distillkac.checkpoint import Artifact
+from distillkac.checkpoint import Artifact, load_artifact
 from distillkac.demo import BUDGETS, DemoBudget, distill_settings, train_config
+from distillkac.distill import plan_stages
 from distillkac.files import atomic_write_json
 from distillkac.jobs import Job, run_jobs
 from distillkac.metrics.digits import DigitsClassifier, digits_metrics, digits_reference_images
@@ -184,8 +185,7 @@ def plan_cells(factors: list[str], budget: DemoBudget, base_teacher: tuple, base
                 if pair == (base_path.kac_a, base_path.kac_c) or (kac_grid is not None and pair not in kac_grid):
                     continue
             if cell.distill is not None:
-                cell = dataclasses.replace(cell, distill=tuple(sorted({**dict(base_distill),
-                                                                       **dict(cell.distill)}.items())))
+                cell = dataclasses.replace(cell, distill=_merge(base_distill, dict(cell.distill)))
                 if _settings(budget, cell.distill) == _settings(budget, base_distill):
                     continue
             if cell.slug not in {c.slug for c in cells}:
@@ -218,6 +218,16 @@ def distill_dir(root: str, cell: Cell) -> Path:
     return Path(root) / "distill" / _key(cell.teacher, cell.distill)
 
 
+def stage_dirs(root: str, cell: Cell, plan: tuple[int, ...]) -> list[tuple[int, Path]]:
+    """(student steps, run directory) of each stage of the cell's distillation."""
+    return [(stage.student_steps, distill_dir(root, cell) / stage.name) for stage in plan_stages(plan)]
+
+
+def cell_file(root: str, cell: Cell) -> Path:
+    """The cell's evaluation result (the cache a rerun reads)."""
+    return Path(root) / "cells" / f"{cell.slug}.json"
+
+
 def train_job(root: str, size: str, changes: tuple) -> float:
     start = time.perf_counter()
     train_teacher(teacher_config(SIZES[size].budget, changes), teacher_dir(root, changes), progress=False)
@@ -225,7 +235,7 @@ def train_job(root: str, size: str, changes: tuple) -> float:
 
 
 def distill_job(root: str, size: str, cell: Cell) -> None:
-    settings = distill_settings(SIZES[size].budget).with_changes(dict(cell.distill)).validate()
+    settings = _settings(SIZES[size].budget, cell.distill).validate()
     run_distillation(teacher_dir(root, cell.teacher), distill_dir(root, cell), settings, data="digits",
                      progress=False)
 
@@ -233,8 +243,8 @@ def distill_job(root: str, size: str, cell: Cell) -> None:
 def stage_seconds(root: str, size: Size, cell: Cell) -> list[float | None]:
     """Training wall seconds of each stage (its stats.jsonl; the invocation that finished it)."""
     seconds = []
-    for steps in size.budget.plan[1:]:
-        stats = distill_dir(root, cell) / f"stage-{steps}step" / "stats.jsonl"
+    for _, stage_dir in stage_dirs(root, cell, size.budget.plan):
+        stats = stage_dir / "stats.jsonl"
         rows = [json.loads(line) for line in stats.read_text().splitlines()] if stats.is_file() else []
         walls = [row["wall_s"] for row in rows if "wall_s" in row]
         seconds.append(walls[-1] if walls else None)
@@ -248,12 +258,12 @@ def cell_rows(root: str, size: Size, cell: Cell) -> list[tuple[str, Path, dict[s
         solver = "euler" if dict(cell.teacher).get("path.kind") == "flow" else "ab2"
         return [("teacher", teacher_dir(root, cell.teacher) / Artifact.DIR,
                  {"steps": plan[0], "solver": solver, "guidance": cell.guidance})]
-    return [(f"student-{m}", distill_dir(root, cell) / f"stage-{m}step" / Artifact.DIR, {}) for m in plan[1:]]
+    return [(f"student-{m}", stage_dir / Artifact.DIR, {}) for m, stage_dir in stage_dirs(root, cell, plan)]
 
 
 def eval_job(root: str, size_name: str, cell: Cell) -> dict[str, Any]:
     """Evaluate the cell's rows on every seed block (resumable: the result file is the cache)."""
-    out = Path(root) / "cells" / f"{cell.slug}.json"
+    out = cell_file(root, cell)
     if out.is_file():
         return json.loads(out.read_text(encoding="utf-8"))
     size = SIZES[size_name]
@@ -261,10 +271,11 @@ def eval_job(root: str, size_name: str, cell: Cell) -> dict[str, Any]:
     labels = cycle_labels(size.num, 10)
     rows = {}
     for name, artifact, sampling in cell_rows(root, size, cell):
+        model = load_artifact(artifact, device="cpu")  # once for all the blocks
         blocks = []
         for block in range(size.blocks):
             seeds = range(block * size.num, (block + 1) * size.num)
-            samples = sample_artifact(artifact, seeds=seeds, labels=labels, device="cpu", **sampling).samples
+            samples = sample_artifact(model, seeds=seeds, labels=labels, device="cpu", **sampling).samples
             blocks.append(digits_metrics(samples, labels, classifier, reference))
         rows[name] = {METRIC: [b[METRIC] for b in blocks], "class_accuracy": [b["class_accuracy"] for b in blocks],
                       "sampling": sampling}
@@ -293,7 +304,7 @@ def ablation_jobs(root: str, size: str, cells: list[Cell]) -> list[Job]:
 
 def finished_cells(root: str, cells: list[Cell]) -> dict[str, Any]:
     """The evaluation results that exist (``--report-only``)."""
-    files = {cell.slug: Path(root) / "cells" / f"{cell.slug}.json" for cell in cells}
+    files = {cell.slug: cell_file(root, cell) for cell in cells}
     return {f"eval:{slug}": json.loads(path.read_text(encoding="utf-8")) for slug, path in files.items()
             if path.is_file()}
 
@@ -449,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ablate.py: unknown factor(s) {unknown}; choose from {', '.join(FACTORS)}", file=sys.stderr)
         return 2
     grid = None if args.kac_grid is None else [tuple(float(v) for v in p.split(":")) for p in args.kac_grid.split(",")]
-    cells = plan_cells(factors, size.budget, parse_assignments(args.teacher), parse_assignments(args.distill), grid)
+    base_teacher, base_distill = parse_assignments(args.teacher), parse_assignments(args.distill)
+    cells = plan_cells(factors, size.budget, base_teacher, base_distill, grid)
     if args.cells:
         wanted = [w.strip() for w in args.cells.split(",")]
         cells = [c for c in cells if c.is_default or any(w in c.name for w in wanted)]
@@ -463,9 +475,9 @@ def main(argv: list[str] | None = None) -> int:
               "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"), "size": size_name,
               "blocks": size.blocks, "num": size.num, "budget": dataclasses.asdict(size.budget),
               "wall_seconds": time.perf_counter() - start, "torch": torch.__version__,
-              "load_average": list(os.getloadavg()), "base_teacher": dict(parse_assignments(args.teacher)),
-              "base_distill": dict(parse_assignments(args.distill)),
-              "default_path": dataclasses.asdict(teacher_config(size.budget, parse_assignments(args.teacher)).path)}
+              "load_average": list(os.getloadavg()), "base_teacher": dict(base_teacher),
+              "base_distill": dict(base_distill),
+              "default_path": dataclasses.asdict(teacher_config(size.budget, base_teacher).path)}
     summary = summarise(str(args.outdir), size, cells, results)
     stored = json.loads(args.results.read_text(encoding="utf-8")) if args.results.is_file() else {}
     stored[section] = {**record, "cells": summary}

@@ -246,6 +246,12 @@ def test_config_fields_become_the_flags_that_set_them():
 def test_an_option_error_names_the_flag_as_typed(tmp_path, capsys):
     err = _error(_toy_train(tmp_path / "run", "--micro-batch", "5"), capsys)
     assert "--micro-batch: must divide --batch = 16, got 5" in err and "train." not in err
+    err = _error(_toy_train(tmp_path / "run", "--channels", "1"), capsys)
+    assert "--channels: the toy2d preset has no image network" in err
+    assert main(_toy_train(tmp_path / "toy")) == 0
+    err = _error(["train", "--config", str(tmp_path / "toy" / "config.json"), "--outdir", str(tmp_path / "again"),
+                  "--model-channels", "8"], capsys)
+    assert f"--model-channels: the run of {tmp_path / 'toy' / 'config.json'} has no image network" in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -18,7 +18,7 @@ from distillkac.errors import DistillKacError
 from distillkac.nets import REFERENCE_CONFIGS
 from distillkac.paths import PathConfig
 from distillkac.presets import get_preset
-from distillkac.report import REPORT_JSON, REPORT_MD, target_profiles
+from distillkac.report import REPORT_JSON, REPORT_MD, _converged_teacher, target_profiles
 from distillkac.reproduce import FORWARD_GFLOP, Plan, Step, build_plan, plan_summary, resolve_throughput, run_plan
 from distillkac.stats import HOLDS, VERDICTS
 
@@ -148,6 +148,13 @@ def test_blocks_below_two_are_refused(tmp_path, capsys):
 def test_eval_steps_add_half_of_each_student_step_count():
     assert eval_steps((100, 20, 4, 2, 1)) == [100, 20, 10, 4, 2, 1]
     assert eval_steps(TINY.plan) == [4, 2, 1]
+    assert eval_steps((10, 5, 2, 1)) == [10, 5, 2, 1]  # no half of 5: the 5-step student meets no equal NFE
+
+
+def test_no_converged_teacher_claim_without_a_solve_at_the_first_students_nfe():
+    """(10, 5, 2, 1): the teacher's 2-step solve (4 NFE) is in the table but is not at the 5-step student's NFE."""
+    rows = [{"kind": "teacher", "model": "kac-teacher", "solver": "ab2", "steps": s} for s in (10, 5, 2, 1)]
+    assert _converged_teacher(rows, (10, 5, 2, 1)) == []
 
 
 def test_fresh_refuses_a_directory_that_is_not_a_demo(tmp_path, capsys):

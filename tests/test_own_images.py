@@ -227,6 +227,31 @@ def test_a_stop_signal_during_a_preview_drops_it_and_keeps_the_checkpoint(tmp_pa
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL and preemption.requested() is None
 
 
+
+def test_the_preview_bar_counts_every_solver_step(tmp_path, monkeypatch):
+    """The preview's progress bar ends full, also for a solver that evaluates the network twice per step."""
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, *, total, **kwargs):
+            self.total, self.done = total, 0
+            bars.append(self)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, count):
+            self.done += count
+
+    monkeypatch.setattr(distillkac.train, "tqdm", RecordingBar)
+    config = make_toy_config(steps=2, preview_steps=3, preview_solver="heun", preview_num=8)
+    train_teacher(config, tmp_path / "run", progress=False)
+    assert [(bar.done, bar.total) for bar in bars] == [(3, 3)]
+
+
 # ------------------------------------------------------------------------------------- preemption
 
 def _launch(args: list[str]) -> subprocess.Popen:

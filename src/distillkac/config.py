@@ -178,10 +178,10 @@ class DistillConfig:
                 self.pool_reuse)
         require(self.teacher_precision is None or self.teacher_precision in PRECISIONS, "--teacher-precision",
                 f"must be one of {', '.join(PRECISIONS)}", self.teacher_precision)
-        require(isinstance(self.closeness_samples, int) and self.closeness_samples >= 1, "--closeness-samples",
+        require(is_int(self.closeness_samples) and self.closeness_samples >= 1, "--closeness-samples",
                 "must be a positive integer", self.closeness_samples)
-        require(isinstance(self.guidance, int | float) and math.isfinite(self.guidance) and self.guidance >= 0,
-                "--guidance", "must be a finite number >= 0", self.guidance)
+        require(is_number(self.guidance) and self.guidance >= 0, "--guidance", "must be a finite number >= 0",
+                self.guidance)
         counts = self.steps_per_stage if isinstance(self.steps_per_stage, tuple) else (self.steps_per_stage,)
         if isinstance(self.steps_per_stage, tuple) and len(counts) != len(self.plan) - 1:
             raise DistillKacError(f"--steps-per-stage: give one count, or one per stage ({len(self.plan) - 1} for "

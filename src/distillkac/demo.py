@@ -35,6 +35,7 @@ from distillkac.data import load_dataset
 from distillkac.diagnostics import velocity_profile
 from distillkac.errors import DistillKacError
 from distillkac.evaluate import evaluate
+from distillkac.fields import is_int, require
 from distillkac.files import atomic_write_json, sha256_bytes
 from distillkac.jobs import Job, run_jobs
 from distillkac.metrics.digits import DigitsClassifier
@@ -65,6 +66,7 @@ from distillkac.report import (
     student_dirs,
     utc_now,
 )
+from distillkac.runtime import torch_threads
 from distillkac.sampling import cycle_labels, sample_artifact, save_grid_png
 from distillkac.stages import run_distillation
 from distillkac.train import TeacherObjective, resolve_config, time_train_steps, train_teacher
@@ -370,17 +372,13 @@ def calibrate_threads(repeats: int = 2) -> dict[str, Any]:
     dataset = load_dataset(config.data, "train")
     config = resolve_config(config, tuple(dataset.data_shape), dataset.num_classes)
     path = build_path(dataclasses.asdict(config.path))
-    previous, cores = torch.get_num_threads(), os.cpu_count() or 1
-    timings = {}
-    try:
-        for threads in sorted({1, cores}):
-            torch.set_num_threads(threads)
+    cores, timings = os.cpu_count() or 1, {}
+    for threads in sorted({1, cores}):
+        with torch_threads(threads):
             model = build_network(config.net, generator=torch.Generator().manual_seed(0))
             objective = TeacherObjective(path, dataset.num_classes, config.train.label_dropout)
             seconds = sorted(time_train_steps(config, model, objective, dataset, repeats + 1)[1:])
-            timings[threads] = seconds[len(seconds) // 2]
-    finally:
-        torch.set_num_threads(previous)
+        timings[threads] = seconds[len(seconds) // 2]
     return {"seconds_per_step": {str(k): v for k, v in timings.items()}, "cores": cores,
             "batch": config.train.batch, "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
 
@@ -401,14 +399,11 @@ def run_demo(outdir: str | os.PathLike, budget: DemoBudget | str = "full", *, fr
     start = time.perf_counter()
     budget = get_budget(budget) if isinstance(budget, str) else budget
     if blocks is not None:
-        if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 2:
-            raise DistillKacError(f"--blocks: intervals need at least 2 seed blocks, got {blocks!r}")
+        require(is_int(blocks) and blocks >= 2, "--blocks", "intervals need at least 2 seed blocks", blocks)
         budget = dataclasses.replace(budget, eval_blocks=blocks)
     jobs = min(2, os.cpu_count() or 1) if jobs is None else jobs
-    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 1:
-        raise DistillKacError(f"--jobs: must be a positive integer, got {jobs!r}")
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise DistillKacError(f"--threads: must be a positive integer, got {threads!r}")
+    for flag, value in (("--jobs", jobs), ("--threads", threads)):
+        require(is_int(value) and value >= 1, flag, "must be a positive integer", value)
     outdir = Path(outdir)
     prepare_outdir(outdir, budget, fresh)
     calibration = calibrate_threads() if budget.calibrate else None

@@ -182,13 +182,13 @@ def pool_size(batch: int, refresh: int, student_steps: int, reuse: float) -> int
 @dataclass(frozen=True)
 class PoolSettings:
     """``size`` roll-outs per pool, a new pool every ``refresh`` optimiser steps, seeded from ``seed``, rolled out
-    ``chunk`` at a time (a micro-batch: the teacher's memory) in ``precision``."""
+    ``chunk`` at a time (a micro-batch: the teacher's memory) in the training step's precision (the pool is
+    built inside it; the teacher's own ``precision``, if set, applies within)."""
 
     size: int
     refresh: int
     seed: int
     chunk: int = 256
-    precision: str = "auto"
 
 
 class TrajectoryPool:
@@ -241,9 +241,8 @@ class TrajectoryPool:
             if step % N == 0:
                 out[:, step // N] = x
 
-        with autocast(prior.device, self.settings.precision):
-            final = solve(lambda x, t: self.teacher.velocity(x, t, labels), prior, grid, method=self.teacher.solver,
-                          on_step=keep).x
+        final = solve(lambda x, t: self.teacher.velocity(x, t, labels), prior, grid, method=self.teacher.solver,
+                      on_step=keep).x
         out[:, -1] = final.to(out.dtype)
 
 

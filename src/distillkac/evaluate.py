@@ -56,7 +56,7 @@ from distillkac.metrics.context import METRICS, PRIMARY_VALUE, MetricContext
 from distillkac.nfe_table import append_result, read_results, row_key
 from distillkac.npz import SideFile, note
 from distillkac.preemption import Preempted
-from distillkac.runtime import PRECISIONS, ProcessGroup, init_distributed, resolve_device, resolve_precision
+from distillkac.runtime import ProcessGroup, init_distributed, resolve_device, resolve_precision
 from distillkac.sampling import SampleResult, sample_artifact
 from distillkac.solvers import EVALUATIONS_PER_STEP, SOLVERS
 from distillkac.stats import mean_interval
@@ -143,19 +143,20 @@ def block_seed(seed: int, num: int, block: int) -> int:
 def row_side_file(out: str | os.PathLike, record: dict[str, Any], group: ProcessGroup, block: int = 0) -> SideFile:
     """This process's side file of block ``block`` of the row ``record`` (identified by the row key and block,
     num, seed, rank and world size)."""
-    key, num = _block_key(record, block), int(record["num"])
+    key, num = _key_text(record, block), int(record["num"])
     identity = {"key": key, "num": num, "seed": block_seed(int(record["seed"]), num, block), "rank": group.rank,
                 "world_size": group.world_size}
     return SideFile(Path(out) / f"{_side_file_stem(key)}-rank{group.rank}of{group.world_size}.npz", identity)
 
 
-def _block_key(record: dict[str, Any], block: int) -> str:
-    return json.dumps([*row_key(record), block])
+def _key_text(record: dict[str, Any], *block: int) -> str:
+    """The row key of ``record`` (with ``block``: of that seed block) as JSON text."""
+    return json.dumps([*row_key(record), *block])
 
 
 def _blocks_file(out: str | os.PathLike, record: dict[str, Any]) -> Path:
     """Where rank 0 keeps the values of the row's finished blocks until the row is in results.jsonl."""
-    return Path(out) / f"{_side_file_stem(json.dumps(list(row_key(record))))}-blocks.json"
+    return Path(out) / f"{_side_file_stem(_key_text(record))}-blocks.json"
 
 
 def _finished_blocks(out: str | os.PathLike, record: dict[str, Any]) -> tuple[str | None, dict[int, dict[str, Any]]]:
@@ -165,7 +166,7 @@ def _finished_blocks(out: str | os.PathLike, record: dict[str, Any]) -> tuple[st
         return None, {}
     try:
         stored = json.loads(file.read_text(encoding="utf-8"))
-        if stored["key"] == json.dumps(list(row_key(record))):
+        if stored["key"] == _key_text(record):
             return stored["label"], {int(entry["block"]): entry for entry in stored["blocks"]}
     except (OSError, ValueError, KeyError, TypeError):
         pass
@@ -179,7 +180,7 @@ def _remove_side_files(out: str | os.PathLike, record: dict[str, Any], group: Pr
     for block in range(int(record["blocks"])):
         row_side_file(out, record, group, block).remove()
         if group.is_main:
-            for path in Path(out).glob(f"{_side_file_stem(_block_key(record, block))}-rank*.npz"):
+            for path in Path(out).glob(f"{_side_file_stem(_key_text(record, block))}-rank*.npz"):
                 path.unlink(missing_ok=True)
     if group.is_main:
         _blocks_file(out, record).unlink(missing_ok=True)
@@ -246,8 +247,7 @@ def evaluate_shard(model: nn.Module, meta: dict[str, Any], setting: Setting, con
 
 # ------------------------------------------------------------------------------------- evaluation
 
-def _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_size, seed, save_every, blocks,
-                     precision) -> None:
+def _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_size, seed, save_every, blocks) -> None:
     if not checkpoints:
         raise DistillKacError("--checkpoint: give at least one model artefact")
     if metric not in METRICS:
@@ -267,8 +267,6 @@ def _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_
                                      ("--save-every", save_every, 1, "must be a positive number of batches"),
                                      ("--blocks", blocks, 1, "must be a positive number of seed blocks")):
         require(is_int(value) and value >= least, flag, need, value)
-    if precision not in PRECISIONS:
-        raise DistillKacError(f"--precision: must be one of {', '.join(PRECISIONS)}, got {precision!r}")
 
 
 def _model_names(directories: Sequence[Path], metas: Sequence[dict[str, Any]]) -> list[str]:
@@ -292,8 +290,7 @@ def evaluate(checkpoints: Sequence[str | os.PathLike], steps: Sequence[int], sol
     file, marked ``"resumed": True``; new rows are appended as each is done (rank 0), and a row being computed
     continues from its side files (see the module). Every input problem is found before any sample is drawn.
     """
-    _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_size, seed, save_every, blocks,
-                     precision)
+    _check_arguments(checkpoints, steps, solvers, guidances, metric, num, batch_size, seed, save_every, blocks)
     if out is not None:
         check_output_dir(out, "--out")
     steps, solvers = list(dict.fromkeys(steps)), list(dict.fromkeys(solvers))
@@ -380,8 +377,8 @@ def _evaluate_row(model: nn.Module, meta: dict[str, Any], setting: Setting, cont
                            "values": values}
         if out is not None:
             if group.is_main:
-                atomic_write_json(_blocks_file(out, record), {"key": json.dumps(list(row_key(record))),
-                                                              "label": label, "blocks": list(finished.values())})
+                atomic_write_json(_blocks_file(out, record), {"key": _key_text(record), "label": label,
+                                                              "blocks": list(finished.values())})
             group.barrier()  # the block is recorded before any rank drops its side file
             partial.remove()
     per_block = [finished[b] for b in range(blocks)]

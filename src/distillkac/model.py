@@ -33,7 +33,7 @@ class Model:
     def load(cls, path: str | os.PathLike, device: str | torch.device = "auto") -> Model:
         """The artefact at ``path``: an artefact directory, or a run or stage directory holding ``artifact/``.
         The weights are checked against their recorded sha256."""
-        device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+        device = resolve_device(device)
         directory = Artifact.locate(Path(path).expanduser())
         stages = sorted(directory.glob(f"stage-*step/{Artifact.DIR}"))
         if stages and not (directory / Artifact.WEIGHTS).is_file():

@@ -31,8 +31,11 @@ _SIGNATURES = {b"\xff\xd8\xff": "a JPEG image", b"\x89PNG": "a PNG image", b"GIF
 def read_npz(file: Path, keys: Sequence[str], problem: str, optional: Sequence[str] = ()) -> dict[str, np.ndarray]:
     """The arrays ``keys`` (and those of ``optional`` the archive has) of an .npz archive, loaded without
     pickles; ``problem`` starts any error, which says what the file is when it is not an .npz."""
-    with open(file, "rb") as handle:
-        head = handle.read(8)
+    try:
+        with open(file, "rb") as handle:
+            head = handle.read(8)
+    except OSError as err:
+        raise DistillKacError(f"{problem} ({_reason(err)})") from err
     if not head.startswith(b"PK"):
         kind = next((name for start, name in _SIGNATURES.items() if head.startswith(start)), "not a zip archive")
         raise DistillKacError(f"{problem} (it is {kind}, not an .npz archive)")

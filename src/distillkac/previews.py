@@ -23,7 +23,7 @@ unless the user sets them."""
 
 Preview = Callable[..., torch.Tensor]
 """``preview(ema_model, step, on_step=None)`` -> images in [-1, 1] (or 2-D points) for
-``samples/step-XXXXXXX.png``; ``on_step()``, if given, is called after every velocity evaluation."""
+``samples/step-XXXXXXX.png``; ``on_step()``, if given, is called at every solver step."""
 
 
 def previews_enabled(train: TrainConfig) -> bool:

@@ -167,9 +167,9 @@ def _converged_teacher(rows: Sequence[dict[str, Any]], plan: Sequence[int]) -> l
     the same teacher at ``plan[1] / 2`` AB-2 steps. When that short solve scores better than the long one
     (fd_digits of the long minus the short above 0), no student that imitates the long solve can win there.
     Empty when the plan has no such short solve (an odd second step count)."""
-    long, short = _lookup(rows, "teacher-ab2", plan[0]), _lookup(rows, "teacher-ab2", plan[1] // 2)
-    if short is None:
+    if plan[1] % 2:
         return []
+    long, short = _lookup(rows, "teacher-ab2", plan[0]), _lookup(rows, "teacher-ab2", plan[1] // 2)
     difference = paired_rows(long, short, FD)
     text = (f"fd_digits {_title(long)} {_fd(long):.3f} vs {_title(short)} {_fd(short):.3f}; paired difference "
             f"long minus short {difference.describe(3, signed=True)} (holds when the interval lies below 0).")
@@ -346,7 +346,6 @@ def build_report(outdir: Path, budget: dict[str, Any], parts: dict[str, dict[str
         "velocity": {"trajectories": {k: v["profile"] for k, v in profiles.items()}, "targets": targets},
         "files": [NFE_PLOT, VELOCITY_PLOT, TARGETS_PLOT, CLOSENESS_PLOT, *[row["grid"] for row in rows]],
     }
-    report["wall_seconds_this_run"] = round(time.perf_counter() - start, 2)
     atomic_write_json(outdir / REPORT_JSON, report)
     atomic_write_bytes(outdir / REPORT_MD, render_report(report).encode("utf-8"))
     return report

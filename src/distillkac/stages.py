@@ -302,8 +302,7 @@ class Distillation:
         settings = self.settings
         pool = PoolSettings(size=pool_size(settings.train.batch, settings.pool_refresh, stage.student_steps,
                                            settings.pool_reuse),
-                            refresh=settings.pool_refresh, seed=settings.train.seed, chunk=settings.train.micro_batch,
-                            precision=settings.train.precision)
+                            refresh=settings.pool_refresh, seed=settings.train.seed, chunk=settings.train.micro_batch)
         return EndpointObjective(teacher, path, stage, settings.start_states, history, target=settings.target,
                                  loss=settings.loss, pool=pool)
 

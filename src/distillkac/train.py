@@ -52,7 +52,6 @@ from distillkac.resume import Checkpointing
 from distillkac.rng import rand
 from distillkac.runlog import RunLog, StatsWindow, run_summary, speed_line
 from distillkac.runtime import autocast, init_distributed, world_size
-from distillkac.solvers import EVALUATIONS_PER_STEP
 
 
 class Objective(Protocol):
@@ -283,9 +282,10 @@ class _Trainer(Checkpointing):
                 if not finite:
                     self.handle_nonfinite(loss, grad_norm)
                 self.step += 1
-                step_seconds.append(time.perf_counter() - step_start)
-                if len(step_seconds) == 3:  # the first step pays for warming up: log the speed after the third
-                    self.log.info(speed_line(step_seconds, train.batch, train.steps - self.step, str(self.device)))
+                if len(step_seconds) < 3:  # the first step pays for warming up: log the speed after the third
+                    step_seconds.append(time.perf_counter() - step_start)
+                    if len(step_seconds) == 3:
+                        self.log.info(speed_line(step_seconds, train.batch, train.steps - self.step, str(self.device)))
                 window.add(loss if finite else None)
                 if self.bar is not None:
                     self.bar.update(1)
@@ -349,10 +349,8 @@ class _Trainer(Checkpointing):
         """Draw and write the preview of this step, with a progress bar; a stop signal drops it."""
         if not self.dist.is_main:
             return
-        train = self.config.train
-        total = train.preview_steps * EVALUATIONS_PER_STEP.get(train.preview_solver, 1)
-        with tqdm(total=total, desc=f"preview at step {self.step}", unit="eval", leave=False,
-                  disable=self.bar is None) as bar:
+        with tqdm(total=self.config.train.preview_steps, desc=f"preview at step {self.step}", unit="step",
+                  leave=False, disable=self.bar is None) as bar:
             def on_step() -> None:
                 if preemption.requested() is not None:
                     raise _PreviewStopped

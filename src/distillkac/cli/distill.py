@@ -182,7 +182,7 @@ def is_distillation(directory: Path) -> bool:
     """Whether ``directory`` holds an earlier distillation (which rerunning resumes): its summary, or a
     stage-<M>step directory."""
     return (directory / SUMMARY_FILE).is_file() or any(
-        entry.is_dir() and re.fullmatch(r"stage-\d+step", entry.name) for entry in directory.iterdir())
+        entry.is_dir() and re.fullmatch(r"stage-\d+step", entry.name) for entry in directory.glob("stage-*step"))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,7 +199,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         outcomes = distillation.run(args.stage, progress=not args.no_progress)
     finally:  # once a stage has started (not after a refused input): the settings, for --config
-        if any(Path(args.outdir).glob("stage-*step")):
+        if is_distillation(Path(args.outdir)):
             atomic_write_json(Path(args.outdir) / Artifact.RUN_CONFIG, settings_record(settings, args))
     for outcome in outcomes:
         closeness = outcome.closeness or {}

@@ -140,6 +140,11 @@ def resolve_args(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
         if value is not None:
             section, name = field.split(".")
             setattr(getattr(config, section), name, value)
+    given = [flag for flag, value in (("--resolution", args.resolution), ("--channels", args.channels),
+                                      ("--model-channels", args.model_channels)) if value is not None]
+    if given and config.net.kind != "unet":
+        source = f"the {args.preset} preset" if args.preset is not None else f"the run of {args.config}"
+        raise DistillKacError(f"{given[0]}: {source} has no image network")
     net_changes = {}
     if args.resolution is not None:
         config.data.resolution = args.resolution
@@ -149,12 +154,9 @@ def resolve_args(args: argparse.Namespace) -> tuple[RunConfig, list[str]]:
         net_changes["image_channels"] = args.channels
     if args.model_channels is not None:
         net_changes["model_channels"] = args.model_channels
-        if isinstance(args.model_channels, int) and args.model_channels > 0 and config.net.kind == "unet":
+        if args.model_channels > 0:
             net_changes["groups"] = math.gcd(config.net.groups, args.model_channels)
     if net_changes:
-        if config.net.kind != "unet":
-            raise DistillKacError(f"--{next(iter(net_changes)).replace('_', '-')}: the {args.preset} preset "
-                                  f"has no image network")
         config.net = dataclasses.replace(config.net, **net_changes)
     # Image runs only: a toy2d run keeps its preset's warm-up, so that extending it with a larger --steps
     # stays bit for bit a longer run (the reliability tests check it; a fitted warm-up follows --steps).

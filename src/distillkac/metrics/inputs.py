@@ -47,7 +47,7 @@ def image_file_batches(path: str | os.PathLike, batch_size: int, channels: int =
         source = sample_output(source) or source
         if source.is_dir():
             return _folder_batches(source, batch_size, channels, option)
-    images = torch.from_numpy(np.ascontiguousarray(read_npz_images(source, option)))
+    images = read_npz_images(source, option)
     return images.shape[0], (images[i:i + batch_size] for i in range(0, images.shape[0], batch_size))
 
 
@@ -89,7 +89,7 @@ def _read_image(file: Path, channels: int, option: str) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def read_npz_images(file: Path, option: str) -> np.ndarray:
+def read_npz_images(file: Path, option: str) -> torch.Tensor:
     """The uint8 images ``[N, C, H, W]`` of an .npz (key "samples" or "images"; stored NCHW or NHWC)."""
     problem = f"{option}: {file} is not a folder of images or an .npz with the key 'samples' or 'images'"
     arrays = read_npz(file, (), problem, optional=NPZ_KEYS)
@@ -100,12 +100,12 @@ def read_npz_images(file: Path, option: str) -> np.ndarray:
     if images.dtype != np.uint8 or images.ndim != 4:
         raise DistillKacError(f"{option}: {file} key {key!r} must hold uint8 images [N, C, H, W] or "
                               f"[N, H, W, C], got {images.dtype} {list(images.shape)}")
-    if images.shape[1] in (1, 3):
-        return images
-    if images.shape[3] in (1, 3):
-        return images.transpose(0, 3, 1, 2)
-    raise DistillKacError(f"{option}: {file} key {key!r} has no channel axis of size 1 or 3: "
-                          f"{list(images.shape)}")
+    if images.shape[1] not in (1, 3):
+        if images.shape[3] not in (1, 3):
+            raise DistillKacError(f"{option}: {file} key {key!r} has no channel axis of size 1 or 3: "
+                                  f"{list(images.shape)}")
+        images = images.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(images))
 
 
 # ---------------------------------------------------------------------------------------- ref --data
@@ -142,7 +142,7 @@ def load_reference_images(source: str, path: str | os.PathLike, split: str, *, r
     file = Path(path).expanduser()
     if not file.is_file():
         raise DistillKacError(f"--data: {file} does not exist")
-    images = torch.from_numpy(np.ascontiguousarray(read_npz_images(file, "--data")))
+    images = read_npz_images(file, "--data")
     info = {"name": "npz", "split": "all", "source": str(file.resolve()), "source_format": "npz",
             "preprocessing": "uint8 images as stored"}
     return InMemoryDataset(images, torch.zeros(images.shape[0], dtype=torch.long), num_classes=0,

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from distillkac.errors import DistillKacError
-from distillkac.fields import dataclass_from_dict, is_int, require
+from distillkac.fields import dataclass_from_dict, is_int, is_number, require
 from distillkac.rng import fresh_generator
 
 MAX_PERIOD = 10_000.0
@@ -58,12 +58,12 @@ class JsonConfig:
 
     def _validate_conditioning(self) -> None:
         name = type(self).__name__
-        require(isinstance(self.dropout, int | float) and 0.0 <= self.dropout < 1.0, f"{name}.dropout",
-                "must be in [0, 1)", self.dropout)
+        require(is_number(self.dropout) and 0.0 <= self.dropout < 1.0, f"{name}.dropout", "must be in [0, 1)",
+                self.dropout)
         require(is_int(self.num_classes) and self.num_classes >= 0, f"{name}.num_classes",
                 "must be an integer >= 0 (0 = unconditional)", self.num_classes)
-        require(isinstance(self.time_scale, int | float) and math.isfinite(self.time_scale) and self.time_scale > 0,
-                f"{name}.time_scale", "must be a positive number", self.time_scale)
+        require(is_number(self.time_scale) and self.time_scale > 0, f"{name}.time_scale", "must be a positive number",
+                self.time_scale)
 
 
 #: Which layers start at exactly zero: the output conv only, or also the last layer of every residual
