@@ -121,7 +121,7 @@ def register(subparsers) -> None:
                        help="steps between preview grids of a stage's student, and one at its end (0 = none)")
     group.add_argument("--preview-num", type=int, default=None,
                        help=f"images per preview (0 = none); at most {CPU_PREVIEW[0]} on a CPU unless set")
-    add_no_progress(parser)
+    add_no_progress(parser, ", no adjustment notes, and each stage's summary and status lines only in its log.txt")
     parser.add_argument("--dry-run", action="store_true",
                         help="print each stage's resolved config and exit; create nothing")
 

@@ -93,8 +93,9 @@ def add_overwrite(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--overwrite", action="store_true", help=f"write into {what} (default: refuse it, exit 2)")
 
 
-def add_no_progress(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+def add_no_progress(parser: argparse.ArgumentParser, also: str = "") -> None:
+    """``--no-progress``; ``also`` names what else it silences on stderr (a run's messages: log.txt keeps them)."""
+    parser.add_argument("--no-progress", action="store_true", help=f"no progress bars{also}")
 
 
 def comma_list(parse: Callable[[str], Any], what: str) -> Callable[[str], list]:

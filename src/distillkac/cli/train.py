@@ -121,7 +121,7 @@ def register(subparsers) -> None:
                        help=f"images per preview; at most {CPU_PREVIEW[0]} on a CPU unless set")
     group.add_argument("--preview-steps", type=int, default=None,
                        help=f"solver steps per preview image; at most {CPU_PREVIEW[1]} on a CPU unless set")
-    add_no_progress(parser)
+    add_no_progress(parser, ", and the run's summary and status lines only in log.txt")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the resolved config and the parameter count; create nothing")
 
